@@ -332,3 +332,17 @@ def merged_state_dict(model: nn.Module, adapter: LoraAdapter, head: bool = True)
     if head:
         state.update({k: v.clone() for k, v in adapter.heads.items()})
     return state
+
+
+def new_peft_model(model: nn.Module, targets: list[str], rank: int = 8, alpha: float = 16.0,
+                   dropout: float = 0.0, rslora: bool = False, init: bool | str = True):
+    """Wrap a sequence-classification model with a fresh LoRA (head in ``modules_to_save``)."""
+    from peft import LoraConfig, get_peft_model
+
+    if rank < 1:
+        raise OrthomergeError(f"rank must be ≥ 1, got {rank}")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                        use_rslora=rslora, task_type="SEQ_CLS", init_lora_weights=init)
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = model.config.name_or_path
+    return peft_model

@@ -96,12 +96,14 @@ def load_model(spec: str, num_labels: int = 2, regression: bool = False, seed: i
     torch.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialised head" warnings are expected here
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path),
             num_labels=1 if regression else num_labels,
             problem_type="regression" if regression else "single_label_classification",
             dtype=torch.float32,
+            ignore_mismatched_sizes=True,  # a saved head of another size is replaced by a fresh one
         )
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -160,7 +162,7 @@ def model_fingerprint(model: nn.Module) -> str:
         if name.startswith(heads) or "lora_" in name:
             continue
         flat = param.detach().reshape(-1)[:256].to(torch.float32).contiguous()
-        digest.update(name.encode())
+        digest.update(name.replace(".base_layer", "").encode())  # same identity inside a PEFT wrapper
         digest.update(str(tuple(param.shape)).encode())
         digest.update(flat.numpy().tobytes())
     return digest.hexdigest()[:16]

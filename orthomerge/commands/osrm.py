@@ -1,0 +1,66 @@
+"""``orthomerge init`` (OSRM-initialised adapter) and ``orthomerge post`` (project a trained LoRA)."""
+from __future__ import annotations
+
+import json
+
+from . import add_common
+
+
+def _osrm_options(p) -> None:
+    p.add_argument("--other-stats", nargs="+", required=True, help="statistics files of the other tasks")
+    p.add_argument("--variant", choices=["paper", "official"], default="paper")
+    p.add_argument("--own-stats", default=None, help="this task's statistics (for --beta)")
+    p.add_argument("--beta", type=float, default=0.0,
+                   help="own-task tie-break: minimise tr(A(S_other − β S_own)Aᵀ); 0 = the paper")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("init", help="write an OSRM-initialised LoRA adapter (B = 0) ready for training")
+    add_common(p)
+    _osrm_options(p)
+    p.add_argument("--targets", default="query,value")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--num-labels", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seed of the (random) classifier head")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=run_init)
+
+    q = sub.add_parser("post", help="convert a trained LoRA to the OSRM subspace (lossy; reports energy kept)")
+    _osrm_options(q)
+    q.add_argument("--adapter", required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=run_post)
+
+
+def run_init(args) -> None:
+    from ..adapters import from_peft_model, new_peft_model, save_adapter
+    from ..models import load_model, parse_targets
+    from ..osrm import init_peft_model_osrm
+    from ..stats import load_stats
+
+    others = [load_stats(p) for p in args.other_stats]
+    own = load_stats(args.own_stats) if args.own_stats else None
+    model = load_model(args.model, num_labels=args.num_labels, seed=args.seed)
+    peft_model = new_peft_model(model, parse_targets(args.targets), args.rank, args.alpha)
+    meta = init_peft_model_osrm(peft_model, others, own=own, beta=args.beta, variant=args.variant)
+    save_adapter(from_peft_model(peft_model, metadata=meta), args.out)
+    if not args.quiet:
+        print(f"wrote {args.out}: OSRM ({args.variant}) init, rank {args.rank}, "
+              f"{len(peft_model.targeted_module_names)} modules")
+
+
+def run_post(args) -> None:
+    from ..adapters import load_adapter, save_adapter
+    from ..osrm import post_convert
+    from ..stats import load_stats
+
+    adapter = load_adapter(args.adapter)
+    others = [load_stats(p) for p in args.other_stats]
+    own = load_stats(args.own_stats) if args.own_stats else None
+    new, report = post_convert(adapter, others, args.variant, own, args.beta)
+    save_adapter(new, args.out)
+    if not args.quiet:
+        print(json.dumps({"retained_fraction": report["retained_fraction"],
+                          "retained_energy": report["retained_energy"]}, indent=2))

@@ -1,0 +1,61 @@
+"""``orthomerge stats`` and ``orthomerge combine-stats``."""
+from __future__ import annotations
+
+from . import add_common
+
+
+def register(sub) -> None:
+    p = sub.add_parser("stats", help="collect activation statistics of target-module inputs from a data file")
+    add_common(p)
+    p.add_argument("--data", required=True, help="CSV, TSV or JSONL file with a text column")
+    p.add_argument("--targets", default="query,value", help="LoRA target modules, e.g. query,value")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--text-pair-column", default=None, help="second text column for pair tasks")
+    p.add_argument("--max-samples", type=int, default=None, help="first N rows (file order)")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.set_defaults(func=run_stats)
+
+    c = sub.add_parser("combine-stats", help="add statistics of disjoint shards into one file (exact)")
+    c.add_argument("parts", nargs="+", help="statistics files")
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=run_combine)
+
+
+def run_stats(args) -> None:
+    import torch.distributed as dist
+
+    from ..errors import OrthomergeError
+    from ..models import load_model, load_tokenizer, parse_targets
+    from ..stats import collect_stats, init_distributed_from_env, save_stats
+    from ..tasks import read_table
+
+    if args.max_samples is not None and args.max_samples < 1:
+        raise OrthomergeError(f"--max-samples must be ≥ 1, got {args.max_samples}")
+    columns = [args.text_column] + ([args.text_pair_column] if args.text_pair_column else [])
+    rows = read_table(args.data, columns)[: args.max_samples]
+    texts = [str(r[args.text_column]) for r in rows]
+    pairs = [str(r[args.text_pair_column]) for r in rows] if args.text_pair_column else None
+    distributed = init_distributed_from_env()
+    model = load_model(args.model)
+    stats = collect_stats(model, load_tokenizer(args.model), texts, parse_targets(args.targets), pairs=pairs,
+                          max_length=args.max_length, batch_size=args.batch_size, progress=not args.quiet,
+                          model_name=args.model)
+    stats.meta["data"] = str(args.data)
+    if not distributed or dist.get_rank() == 0:
+        save_stats(stats, args.out)
+        if not args.quiet:
+            print(f"wrote {args.out}: {stats.sample_count} samples, {stats.token_count} tokens, "
+                  f"{len(stats.groups)} distinct inputs for {len(stats.modules)} modules")
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_combine(args) -> None:
+    from ..stats import combine_stats, load_stats, save_stats
+
+    combined = combine_stats([load_stats(p) for p in args.parts])
+    combined.meta["data"] = [p.meta.get("data") for p in map(load_stats, args.parts)]
+    save_stats(combined, args.out)

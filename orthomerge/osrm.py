@@ -1,0 +1,181 @@
+"""OSRM initialisation (Zhang & Zhou, ACL 2025): LoRA ``A`` from the other tasks' least-used directions.
+
+For target task ``t`` and one module input, ``S_¬t`` is the mean over the other tasks of each task's
+per-token uncentred second moment. ``A`` is the ``r`` eigenvectors of ``S_¬t − β S_t`` with the smallest
+eigenvalues (``β = 0``: the paper), as rows, float64, deterministic signs; ``B = 0``. Modules sharing an
+input (q/k/v) share one ``A``. The ``official`` variant reproduces the released code: the null space of the
+other tasks' per-sample mean vectors. See ``shared/reference/osrm.md``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import nn
+
+from .adapters import LoraAdapter
+from .errors import OrthomergeError
+from .stats import ActivationStats, check_matches_model, check_same_source
+
+VARIANTS = ("paper", "official")
+
+
+def fix_signs(rows: np.ndarray) -> np.ndarray:
+    """Make the largest-magnitude entry of each row positive (first index on a tie)."""
+    pivot = np.abs(rows).argmax(axis=1)
+    signs = np.sign(rows[np.arange(len(rows)), pivot])
+    signs[signs == 0] = 1.0
+    return rows * signs[:, None]
+
+
+def smallest_eigenvectors(matrix: np.ndarray, rank: int, subset: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors as rows for the ``rank`` smallest eigenvalues, float64.
+
+    ``subset=True`` asks LAPACK for those eigenpairs only (``scipy.linalg.eigh(subset_by_index=…)``);
+    ``False`` does a full ``eigh`` and slices — the same answer, slower for large ``n``.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    n = matrix.shape[0]
+    if not 0 < rank <= n:
+        raise OrthomergeError(f"rank {rank} must be between 1 and the module's input width {n}")
+    matrix = (matrix + matrix.T) / 2
+    if subset:
+        values, vectors = scipy.linalg.eigh(matrix, subset_by_index=[0, rank - 1], driver="evr")
+    else:
+        values, vectors = np.linalg.eigh(matrix)
+        values, vectors = values[:rank], vectors[:, :rank]
+    return values, fix_signs(vectors.T)
+
+
+def paper_basis(other: np.ndarray, rank: int, own: np.ndarray | None = None, beta: float = 0.0) -> np.ndarray:
+    """``argmin tr(A (S_¬t − β S_t) Aᵀ)`` s.t. ``A Aᵀ = I``: rows = smallest eigenvectors."""
+    matrix = np.asarray(other, dtype=np.float64)
+    if beta:
+        if own is None:
+            raise OrthomergeError("beta > 0 needs the task's own statistics (--own-stats)")
+        matrix = matrix - beta * np.asarray(own, dtype=np.float64)
+    return smallest_eigenvectors(matrix, rank)[1]
+
+
+def official_basis(other_means: np.ndarray, rank: int) -> np.ndarray:
+    """The released code's init: the last ``rank`` right singular vectors of the stacked mean vectors."""
+    other_means = np.atleast_2d(np.asarray(other_means, dtype=np.float64))
+    n = other_means.shape[1]
+    if not 0 < rank <= n:
+        raise OrthomergeError(f"rank {rank} must be between 1 and the module's input width {n}")
+    _, _, vt = np.linalg.svd(other_means, full_matrices=True)
+    return fix_signs(vt[n - rank:][::-1].copy())
+
+
+def other_second_moment(others: list[ActivationStats], module: str) -> np.ndarray:
+    """``S_¬t``: equal-weight mean over the other tasks of their per-token second moments."""
+    return (sum(s.second_moment(module) for s in others) / len(others)).numpy()
+
+
+def _check_inputs(others: list[ActivationStats], own: ActivationStats | None, model: nn.Module | None,
+                  modules: list[str]) -> None:
+    if not others:
+        raise OrthomergeError("OSRM needs statistics of at least one other task (--other-stats)")
+    for stats in others[1:] + ([own] if own is not None else []):
+        check_same_source(others[0], stats)
+    for stats in others + ([own] if own is not None else []):
+        if model is not None:
+            check_matches_model(stats, model, modules)
+
+
+def osrm_bases(modules: list[str], others: list[ActivationStats], rank: int, variant: str = "paper",
+               own: ActivationStats | None = None, beta: float = 0.0, model: nn.Module | None = None,
+               ) -> dict[str, np.ndarray]:
+    """OSRM ``A`` (float64 [rank, n]) per module; solved once per distinct input and shared."""
+    if variant not in VARIANTS:
+        raise OrthomergeError(f"unknown OSRM variant {variant!r} (choose from {', '.join(VARIANTS)})")
+    if beta < 0:
+        raise OrthomergeError(f"beta must be ≥ 0, got {beta}")
+    _check_inputs(others, own, model, modules)
+    solved: dict[str, np.ndarray] = {}
+    bases = {}
+    for module in modules:
+        key = others[0].key_of(module)
+        if key not in solved:
+            if variant == "paper":
+                own_moment = own.second_moment(module).numpy() if own is not None else None
+                solved[key] = paper_basis(other_second_moment(others, module), rank, own_moment, beta)
+            else:
+                means = np.stack([s.sample_mean(module).numpy() for s in others])
+                solved[key] = official_basis(means, rank)
+        bases[module] = solved[key]
+    return bases
+
+
+def init_metadata(others: list[ActivationStats], rank: int, variant: str, own: ActivationStats | None,
+                  beta: float) -> dict:
+    return {
+        "init": "osrm",
+        "variant": variant,
+        "beta": beta,
+        "rank": rank,
+        "other_stats": [str(s.path) if s.path else s.meta.get("model") for s in others],
+        "own_stats": str(own.path) if own is not None and own.path else None,
+        "samples_per_task": [s.sample_count for s in others],
+        "fingerprint": others[0].meta.get("fingerprint"),
+    }
+
+
+def init_peft_model_osrm(peft_model, others: list[ActivationStats], own: ActivationStats | None = None,
+                         beta: float = 0.0, variant: str = "paper") -> dict:
+    """Initialise a freshly wrapped ``PeftModel`` in place: ``A`` from OSRM, ``B = 0``.
+
+    The in-memory path, like PEFT's EVA/CorDA: ``get_peft_model(model, LoraConfig(...))``, then this,
+    then hand the model to a Trainer. Returns the init metadata (also stored by :func:`snapshot` users).
+    """
+    layers = {name[len("base_model.model."):]: module for name, module in peft_model.named_modules()
+              if hasattr(module, "lora_A") and peft_model.active_adapter in getattr(module, "lora_A", {})}
+    if not layers:
+        raise OrthomergeError("the model has no LoRA layers to initialise")
+    name = peft_model.active_adapter
+    ranks = {m: layer.lora_A[name].weight.shape[0] for m, layer in layers.items()}
+    if len(set(ranks.values())) != 1:
+        raise OrthomergeError("OSRM init needs one rank for all modules")
+    rank = next(iter(ranks.values()))
+    bases = osrm_bases(list(layers), others, rank, variant, own, beta, model=peft_model.get_base_model())
+    with torch.no_grad():
+        for module, layer in layers.items():
+            weight = layer.lora_A[name].weight
+            weight.copy_(torch.from_numpy(bases[module]).to(weight.dtype))
+            layer.lora_B[name].weight.zero_()
+    return init_metadata(others, rank, variant, own, beta)
+
+
+def post_convert(adapter: LoraAdapter, others: list[ActivationStats], variant: str = "paper",
+                 own: ActivationStats | None = None, beta: float = 0.0) -> tuple[LoraAdapter, dict]:
+    """Project a trained LoRA onto the OSRM subspace (the paper's "post" mode), keeping rank and scaling.
+
+    ``B' = B (A A'ᵀ)`` so that ``s B' A' = ΔW A'ᵀA'`` (least squares, since ``A'`` has orthonormal rows).
+    Reports ``ρ = ‖ΔW P‖_F / ‖ΔW‖_F`` per module and overall (ρ² = energy kept).
+    """
+    ranks = {adapter.rank(m) for m in adapter.modules}
+    if len(ranks) != 1:
+        raise OrthomergeError(f"{adapter.name}: post conversion needs one rank for all modules")
+    bases = osrm_bases(adapter.modules, others, ranks.pop(), variant, own, beta)
+    A, B, kept = {}, {}, {}
+    total_in = total_kept = 0.0
+    for module in adapter.modules:
+        a_new = torch.from_numpy(bases[module])
+        a_old = adapter.A[module].to(torch.float64)
+        b_old = adapter.B[module].to(torch.float64)
+        b_new = b_old @ (a_old @ a_new.T)
+        delta_norm = torch.linalg.matrix_norm(adapter.scaling[module] * b_old @ a_old).item()
+        kept_norm = torch.linalg.matrix_norm(adapter.scaling[module] * b_new @ a_new).item()
+        kept[module] = kept_norm / delta_norm if delta_norm > 0 else 1.0
+        total_in += delta_norm ** 2
+        total_kept += kept_norm ** 2
+        A[module] = a_new.to(adapter.A[module].dtype)
+        B[module] = b_new.to(adapter.B[module].dtype)
+    report = {"retained_fraction": (total_kept / total_in) ** 0.5 if total_in else 1.0,
+              "retained_energy": total_kept / total_in if total_in else 1.0,
+              "per_module": kept}
+    metadata = dict(adapter.metadata, post=init_metadata(others, adapter.rank(adapter.modules[0]), variant,
+                                                          own, beta), post_report=report)
+    new = LoraAdapter(A=A, B=B, scaling=dict(adapter.scaling), heads=dict(adapter.heads),
+                      config=dict(adapter.config), metadata=metadata)
+    return new, report

@@ -1,0 +1,267 @@
+"""Activation statistics of LoRA target-module inputs, collected from the pre-trained model.
+
+For every distinct module input (q/k/v of a layer share one), per token with padding excluded:
+``Σ x xᵀ`` (float64), ``Σ x``, the token and sample counts, and ``Σ`` of per-sample mean inputs (what
+the official OSRM code uses). All entries are sums, so shards combine exactly (:func:`combine_stats`)
+and ``torchrun`` processes all-reduce into the same file one process writes. Files are safetensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import read_safetensors
+from .errors import OrthomergeError, atomic_file
+from .models import find_targets, model_fingerprint
+
+FORMAT = "orthomerge.stats/1"
+_FIELDS = {"gram": "grams", "sum": "sums", "mean_sum": "mean_sum"}  # file suffix → attribute
+
+
+@dataclass
+class ActivationStats:
+    """Sums over tokens of each distinct target-module input; ``groups`` maps an input key to its modules."""
+
+    groups: dict[str, list[str]]
+    grams: dict[str, torch.Tensor]
+    sums: dict[str, torch.Tensor]
+    mean_sum: dict[str, torch.Tensor]
+    token_count: int
+    sample_count: int
+    meta: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def modules(self) -> list[str]:
+        return [m for members in self.groups.values() for m in members]
+
+    def key_of(self, module: str) -> str:
+        for key, members in self.groups.items():
+            if module in members:
+                return key
+        raise OrthomergeError(f"{self.where}: no statistics for module {module!r}")
+
+    @property
+    def where(self) -> str:
+        return str(self.path) if self.path else "statistics"
+
+    def tokens(self, module: str | None = None) -> int:
+        return self.token_count
+
+    def gram(self, module: str) -> torch.Tensor:
+        """Σ x xᵀ over tokens, float64 [n, n]."""
+        return self.grams[self.key_of(module)]
+
+    def second_moment(self, module: str) -> torch.Tensor:
+        """Per-token uncentred second moment ``S = Σ x xᵀ / N`` (OSRM's per-task statistic)."""
+        return self.gram(module) / self.token_count
+
+    def sample_mean(self, module: str) -> torch.Tensor:
+        """Average over samples of each sample's mean input (the official code's μ_τ, padding excluded)."""
+        return self.mean_sum[self.key_of(module)] / self.sample_count
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for key in self.groups:
+            out[f"{key}::gram"] = self.grams[key]
+            out[f"{key}::sum"] = self.sums[key]
+            out[f"{key}::mean_sum"] = self.mean_sum[key]
+        return out
+
+    def identity(self) -> dict:
+        """What two statistics must share to be combined or used together."""
+        return {k: self.meta.get(k) for k in ("fingerprint", "targets", "max_length")}
+
+
+def collect_stats(model: nn.Module, tokenizer, texts: list[str], targets: list[str],
+                  pairs: list[str] | None = None, max_length: int = 128, batch_size: int = 32,
+                  progress: bool = True, model_name: str | None = None) -> ActivationStats:
+    """One pass of the pre-trained ``model`` (eval mode) over ``texts``; hooks sum each target's input.
+
+    Under an initialised ``torch.distributed`` group, process ``k`` of ``W`` takes rows ``k, k+W, …`` and
+    the sums are all-reduced, so every process returns the statistics of all rows.
+    """
+    if not texts:
+        raise OrthomergeError("no texts to collect statistics from")
+    if pairs is not None and len(pairs) != len(texts):
+        raise OrthomergeError("texts and pairs differ in length")
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    rows = list(range(rank, len(texts), world))
+    if not rows:
+        raise OrthomergeError(f"{len(texts)} rows cannot be split over {world} processes")
+    names = find_targets(model, targets)
+    modules = dict(model.named_modules())
+    width = {name: modules[name].in_features for name in names}
+    model.eval()
+
+    state = {"mask": None, "captured": None}
+    gram, total, mean_sum = {}, {}, {}
+
+    def accumulate(key: str, x: torch.Tensor) -> None:
+        mask = state["mask"]
+        x = x.detach()
+        tokens = x[mask].to(torch.float64)
+        if key not in gram:
+            n = x.shape[-1]
+            gram[key] = torch.zeros(n, n, dtype=torch.float64)
+            total[key] = torch.zeros(n, dtype=torch.float64)
+            mean_sum[key] = torch.zeros(n, dtype=torch.float64)
+        gram[key].addmm_(tokens.T, tokens)
+        total[key] += tokens.sum(0)
+        weights = mask.to(torch.float64)
+        per_sample = (x.to(torch.float64) * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
+        mean_sum[key] += per_sample.sum(0)
+
+    def make_hook(name: str):
+        def hook(module, args):
+            if state["captured"] is not None:
+                state["captured"][name] = args[0]
+            else:
+                accumulate(name, args[0])
+        return hook
+
+    handles = {name: modules[name].register_forward_pre_hook(make_hook(name)) for name in names}
+    groups: dict[str, list[str]] = {}
+    tokens_seen = samples_seen = 0
+    try:
+        bar = tqdm(total=len(texts), desc="statistics", unit="sample", disable=not progress or rank != 0)
+        for start in range(0, len(rows), batch_size):
+            idx = rows[start:start + batch_size]
+            batch = tokenizer([texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None,
+                              truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            state["mask"] = batch["attention_mask"].bool()
+            first = not groups
+            state["captured"] = {} if first else None
+            with torch.inference_mode():
+                model(**batch)
+            if first:
+                captured = state["captured"]
+                state["captured"] = None
+                for name in names:  # identical inputs → one statistic (q/k/v, gate/up)
+                    key = next((k for k in groups if captured[k].shape == captured[name].shape
+                                and torch.equal(captured[k], captured[name])), None)
+                    if key is None:
+                        groups[name] = [name]
+                        accumulate(name, captured[name])
+                    else:
+                        groups[key].append(name)
+                        handles.pop(name).remove()
+            tokens_seen += int(state["mask"].sum())
+            samples_seen += len(idx)
+            bar.update(len(idx) * world)
+        bar.close()
+    finally:
+        for handle in handles.values():
+            handle.remove()
+    if distributed:
+        # Every process must hold the same groups: the first batch decides them on every rank alike.
+        counts = torch.tensor([tokens_seen, samples_seen], dtype=torch.float64)
+        dist.all_reduce(counts)
+        tokens_seen, samples_seen = int(counts[0]), int(counts[1])
+        for key in groups:
+            for table in (gram, total, mean_sum):
+                dist.all_reduce(table[key])
+    meta = {
+        "format": FORMAT,
+        "model": model_name or model.config.name_or_path,
+        "fingerprint": model_fingerprint(model),
+        "targets": sorted(targets),
+        "max_length": max_length,
+        "widths": {k: width[k] for k in groups},
+    }
+    return ActivationStats(groups=groups, grams=gram, sums=total, mean_sum=mean_sum,
+                           token_count=tokens_seen, sample_count=samples_seen, meta=meta)
+
+
+def save_stats(stats: ActivationStats, out: str | Path) -> Path:
+    """Write a safetensors file (atomically) with the sums as tensors and counts/identity as metadata."""
+    meta = dict(stats.meta, groups=stats.groups, tokens=stats.token_count, samples=stats.sample_count)
+    with atomic_file(out) as tmp:
+        save_file(stats.tensors(), str(tmp), metadata={"orthomerge": json.dumps(meta, sort_keys=True)})
+    stats.path = Path(out)
+    return Path(out)
+
+
+def load_stats(path: str | Path) -> ActivationStats:
+    """Read and check a statistics file: metadata present, every tensor there and finite."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    tensors = read_safetensors(path)
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get("orthomerge")
+    if raw is None:
+        raise OrthomergeError(f"{path}: not an orthomerge statistics file (no metadata)")
+    meta = json.loads(raw)
+    groups = meta.pop("groups")
+    tables = {attr: {} for attr in _FIELDS.values()}
+    for key in groups:
+        for f, attr in _FIELDS.items():
+            name = f"{key}::{f}"
+            if name not in tensors:
+                raise OrthomergeError(f"{path}: tensor {name!r} missing")
+            if not torch.isfinite(tensors[name]).all():
+                raise OrthomergeError(f"{path}: tensor {name!r} contains NaN or Inf")
+            tables[attr][key] = tensors[name].to(torch.float64)
+    tokens, samples = meta.pop("tokens"), meta.pop("samples")
+    if tokens <= 0:
+        raise OrthomergeError(f"{path}: statistics over zero tokens")
+    return ActivationStats(groups=groups, **tables, token_count=tokens, sample_count=samples, meta=meta, path=path)
+
+
+def combine_stats(parts: list[ActivationStats]) -> ActivationStats:
+    """Exact sum of statistics over disjoint shards of the same data source and model."""
+    if not parts:
+        raise OrthomergeError("no statistics to combine")
+    first = parts[0]
+    for other in parts[1:]:
+        check_same_source(first, other)
+    groups = first.groups
+    tables = {attr: {k: sum(getattr(p, attr)[k] for p in parts) for k in groups} for attr in _FIELDS.values()}
+    return ActivationStats(groups=groups, **tables, token_count=sum(p.token_count for p in parts),
+                           sample_count=sum(p.sample_count for p in parts), meta=dict(first.meta))
+
+
+def check_same_source(a: ActivationStats, b: ActivationStats) -> None:
+    """Statistics used together must come from the same model, targets and max_length."""
+    for key, va in a.identity().items():
+        vb = b.identity()[key]
+        if va != vb:
+            raise OrthomergeError(f"{b.where}: {key} {vb!r} differs from {a.where}'s {va!r}")
+    if a.groups != b.groups:
+        raise OrthomergeError(f"{b.where}: module groups differ from {a.where}'s")
+
+
+def check_matches_model(stats: ActivationStats, model: nn.Module, modules: list[str]) -> None:
+    """The statistics were computed on this base model and cover these modules."""
+    fingerprint = model_fingerprint(model)
+    if stats.meta.get("fingerprint") != fingerprint:
+        raise OrthomergeError(
+            f"{stats.where}: computed on model {stats.meta.get('model')!r} "
+            f"(fingerprint {stats.meta.get('fingerprint')}), not on this base model ({fingerprint})"
+        )
+    covered = set(stats.modules)
+    missing = [m for m in modules if m not in covered]
+    if missing:
+        raise OrthomergeError(f"{stats.where}: no statistics for module {missing[0]!r} "
+                              f"(collected for targets {stats.meta.get('targets')})")
+
+
+def init_distributed_from_env() -> bool:
+    """Join a gloo process group when launched by torchrun/accelerate (WORLD_SIZE > 1)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    dist.init_process_group(backend="gloo")
+    return True

@@ -1,0 +1,117 @@
+"""Activation statistics against a direct hook computation; additivity; distributed equality; errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TEXTS
+from orthomerge.errors import OrthomergeError
+from orthomerge.models import load_model, load_tokenizer
+from orthomerge.stats import collect_stats, combine_stats, load_stats, save_stats
+
+
+def direct_inputs(model_path, texts, module_names, max_length=16):
+    """Oracle: capture every target input with plain hooks, one sample at a time (no padding at all).
+
+    Unpadded float32 forwards differ from padded batches by float rounding (~1e-7 relative), so
+    comparisons against this oracle use rtol 1e-5."""
+    model, tok = load_model(model_path), load_tokenizer(model_path)
+    modules = dict(model.named_modules())
+    captured = {m: [] for m in module_names}
+    hooks = [modules[m].register_forward_hook(lambda mod, args, out, m=m: captured[m].append(args[0][0]))
+             for m in module_names]
+    with torch.no_grad():
+        for text in texts:
+            model(**tok([text], truncation=True, max_length=max_length, return_tensors="pt"))
+    for h in hooks:
+        h.remove()
+    return {m: [x.double().numpy() for x in xs] for m, xs in captured.items()}
+
+
+@pytest.mark.parametrize("fixture,targets", [("tiny_bert", ["query", "value"]),
+                                             ("tiny_llama", ["q_proj", "v_proj", "o_proj"])])
+def test_stats_equal_direct_computation(request, fixture, targets):
+    path = request.getfixturevalue(fixture)
+    model, tok = load_model(path), load_tokenizer(path)
+    stats = collect_stats(model, tok, TEXTS, targets, max_length=16, batch_size=5, progress=False)
+    inputs = direct_inputs(path, TEXTS, stats.modules)
+    for module in stats.modules:
+        xs = inputs[module]
+        X = np.concatenate(xs)
+        np.testing.assert_allclose(stats.gram(module).numpy(), X.T @ X, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(stats.sums[stats.key_of(module)].numpy(), X.sum(0), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(stats.sample_mean(module).numpy(), np.mean([x.mean(0) for x in xs], 0),
+                                   rtol=1e-5, atol=1e-5)
+        assert stats.tokens(module) == len(X)
+    assert stats.sample_count == len(TEXTS)
+
+
+def test_shared_inputs_are_grouped(tiny_bert, tiny_llama):
+    bert = collect_stats(load_model(tiny_bert), load_tokenizer(tiny_bert), TEXTS[:4], ["query", "key", "value"],
+                         progress=False)
+    assert len(bert.groups) == 2 and all(len(v) == 3 for v in bert.groups.values())
+    llama = collect_stats(load_model(tiny_llama), load_tokenizer(tiny_llama), TEXTS[:4],
+                          ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj"], progress=False)
+    sizes = sorted(len(v) for v in llama.groups.values())
+    assert sizes == [1, 1, 2, 2, 2, 2]  # o_proj alone; q/v share; gate/up share
+
+
+def test_padding_does_not_change_stats(tiny_bert):
+    model, tok = load_model(tiny_bert), load_tokenizer(tiny_bert)
+    one = collect_stats(model, tok, TEXTS, ["query"], batch_size=1, progress=False)
+    many = collect_stats(model, tok, TEXTS, ["query"], batch_size=7, progress=False)
+    for m in one.modules:
+        torch.testing.assert_close(one.gram(m), many.gram(m), rtol=1e-5, atol=1e-4)
+    assert one.token_count == many.token_count
+
+
+def test_shards_combine_exactly(tiny_bert, tmp_path):
+    model, tok = load_model(tiny_bert), load_tokenizer(tiny_bert)
+    whole = collect_stats(model, tok, TEXTS, ["query", "value"], progress=False)
+    a = collect_stats(model, tok, TEXTS[:5], ["query", "value"], progress=False)
+    b = collect_stats(model, tok, TEXTS[5:], ["query", "value"], progress=False)
+    save_stats(a, tmp_path / "a.safetensors")
+    save_stats(b, tmp_path / "b.safetensors")
+    combined = combine_stats([load_stats(tmp_path / "a.safetensors"), load_stats(tmp_path / "b.safetensors")])
+    assert combined.token_count == whole.token_count and combined.sample_count == whole.sample_count
+    for m in whole.modules:
+        torch.testing.assert_close(combined.gram(m), whole.gram(m), rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(combined.sample_mean(m), whole.sample_mean(m), rtol=1e-12, atol=1e-12)
+
+
+def test_two_gloo_processes_equal_one(tiny_bert, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXTS))
+    common = ["stats", "--model", tiny_bert, "--data", str(data), "--targets", "query,value", "--quiet",
+              "--batch-size", "3"]
+    single = subprocess.run([sys.executable, "-m", "orthomerge.cli", *common, "--out", str(tmp_path / "one.st")],
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_port", "29533", "-m", "orthomerge.cli", *common,
+                            "--out", str(tmp_path / "two.st")], capture_output=True, text=True)
+    assert multi.returncode == 0, multi.stderr
+    one, two = load_stats(tmp_path / "one.st"), load_stats(tmp_path / "two.st")
+    assert one.token_count == two.token_count and one.sample_count == two.sample_count
+    for m in one.modules:
+        torch.testing.assert_close(one.gram(m), two.gram(m), rtol=1e-12, atol=1e-10)
+
+
+def test_bad_statistics_files(tiny_bert, tmp_path):
+    model, tok = load_model(tiny_bert), load_tokenizer(tiny_bert)
+    stats = collect_stats(model, tok, TEXTS[:3], ["query"], progress=False)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(OrthomergeError, match="corrupt.safetensors"):
+        load_stats(corrupt)
+    with pytest.raises(OrthomergeError, match="pickle"):
+        load_stats(tmp_path / "stats.bin")
+    key = next(iter(stats.groups))
+    stats.grams[key][0, 0] = float("nan")
+    save_stats(stats, tmp_path / "nan.safetensors")
+    with pytest.raises(OrthomergeError, match="NaN"):
+        load_stats(tmp_path / "nan.safetensors")

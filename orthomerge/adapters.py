@@ -27,6 +27,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 META_NAME = "orthomerge.json"
+INIT_NAME = "orthomerge_init.safetensors"  # initial A per module, for drift diagnostics; PEFT ignores it
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED = ("lora_embedding_", "lora_magnitude_vector", "lora_bias")
@@ -65,6 +66,7 @@ class LoraAdapter:
     config: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
     path: Path | None = None
+    initial_A: dict[str, torch.Tensor] | None = None  # A at initialisation (drift diagnostics)
 
     @property
     def modules(self) -> list[str]:
@@ -180,10 +182,13 @@ def load_adapter(path: str | Path) -> LoraAdapter:
             raise OrthomergeError(f"{weights}: {name} contains NaN or Inf")
     meta_path = path / META_NAME
     metadata = _read_json(meta_path) if meta_path.exists() else {}
-    return LoraAdapter(A=A, B=B, scaling=scaling, heads=heads, config=config, metadata=metadata, path=path)
+    initial_A = read_safetensors(path / INIT_NAME) if (path / INIT_NAME).exists() else None
+    return LoraAdapter(A=A, B=B, scaling=scaling, heads=heads, config=config, metadata=metadata, path=path,
+                       initial_A=initial_A)
 
 
-def validate_adapter(adapter: LoraAdapter, model: nn.Module, where: str | Path | None = None) -> None:
+def validate_adapter(adapter: LoraAdapter, model: nn.Module, where: str | Path | None = None,
+                     heads: bool = True) -> None:
     """Every key maps to a linear module of ``model`` with matching shapes; heads match the model's."""
     where = where or (adapter.path / WEIGHTS_NAME if adapter.path else "adapter")
     modules = dict(model.named_modules())
@@ -200,7 +205,7 @@ def validate_adapter(adapter: LoraAdapter, model: nn.Module, where: str | Path |
                 f"{module.out_features}×{module.in_features}"
             )
     state = model.state_dict()
-    for key, value in adapter.heads.items():
+    for key, value in adapter.heads.items() if heads else ():
         if key not in state:
             raise OrthomergeError(f"{where}: head tensor {key!r} has no counterpart in the base model")
         if state[key].shape != value.shape:
@@ -249,7 +254,7 @@ def peft_config_dict(adapter: LoraAdapter) -> dict:
     return config
 
 
-def save_adapter(adapter: LoraAdapter, out: str | Path, extra_files: dict[str, dict] | None = None) -> Path:
+def save_adapter(adapter: LoraAdapter, out: str | Path) -> Path:
     """Write a PEFT folder atomically (temporary folder, renamed at the end). Returns the folder."""
     out = Path(out)
     config = peft_config_dict(adapter)
@@ -264,8 +269,8 @@ def save_adapter(adapter: LoraAdapter, out: str | Path, extra_files: dict[str, d
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if adapter.metadata:
             (tmp / META_NAME).write_text(json.dumps(adapter.metadata, indent=2, sort_keys=True) + "\n")
-        for name, tensors_ in (extra_files or {}).items():
-            save_file({k: v.contiguous() for k, v in tensors_.items()}, str(tmp / name))
+        if adapter.initial_A:
+            save_file({k: v.contiguous() for k, v in adapter.initial_A.items()}, str(tmp / INIT_NAME))
     adapter.path = out
     return out
 

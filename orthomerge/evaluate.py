@@ -1,0 +1,119 @@
+"""Evaluation of single, merged and per-task adapters, and the interference diagnostics.
+
+:class:`TaskEvaluator` keeps one base model per task (each task has its own head size), patches
+``W₀ + ΔW`` into the target modules and the task's head, and scores a split. Patching the dense weights
+is exactly the merged model a user would deploy, and it makes λ sweeps cheap (no re-wrapping).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapters import LoraAdapter, validate_adapter
+from .errors import OrthomergeError
+from .models import load_model, load_tokenizer
+from .stats import ActivationStats
+from .tasks import Split, Task, compute_metric
+
+
+def predict(model: nn.Module, tokenizer, split: Split, max_length: int = 64, batch_size: int = 64) -> list:
+    """Class ids (or floats for regression) for every row, batched by length to limit padding."""
+    enc = tokenizer(split.texts, split.pairs, truncation=True, max_length=max_length)
+    order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
+    out = [None] * len(split)
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = tokenizer.pad([{k: enc[k][i] for k in enc} for i in idx], return_tensors="pt")
+            logits = model(**batch).logits
+            preds = logits[:, 0].tolist() if logits.shape[-1] == 1 else logits.argmax(-1).tolist()
+            for i, p in zip(idx, preds):
+                out[i] = p
+    return out
+
+
+class TaskEvaluator:
+    """Scores ``W₀ + ΔW`` (+ a task's head) on a task's split, for any ΔW: single, merged, per-task."""
+
+    def __init__(self, model_spec: str, tasks: list[Task], max_length: int = 64, batch_size: int = 64):
+        self.tasks = {t.name: t for t in tasks}
+        self.tokenizer = load_tokenizer(model_spec)
+        self.models = {t.name: load_model(model_spec, num_labels=t.num_labels, regression=t.is_regression)
+                       for t in tasks}
+        self.max_length, self.batch_size = max_length, batch_size
+        first = next(iter(self.models.values()))
+        self.base = {name: module.weight.detach().clone() for name, module in first.named_modules()
+                     if isinstance(module, nn.Linear)}
+
+    def load(self, task: str, deltas: dict[str, torch.Tensor], heads: dict[str, torch.Tensor]) -> nn.Module:
+        """The task's model with ``W₀ + ΔW`` in every module of ``deltas`` (others reset to W₀)."""
+        model = self.models[task]
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for name, module in modules.items():
+                if name in self.base and name in deltas:
+                    module.weight.copy_(self.base[name] + deltas[name].to(module.weight.dtype))
+                elif name in self.base and not torch.equal(module.weight, self.base[name]):
+                    module.weight.copy_(self.base[name])
+            state = model.state_dict()
+            for key, value in heads.items():
+                if key not in state or state[key].shape != value.shape:
+                    raise OrthomergeError(f"head {key!r} does not fit task {task!r} "
+                                          f"({self.tasks[task].num_labels} outputs)")
+                state[key].copy_(value)
+        return model
+
+    def score(self, task: str, deltas: dict[str, torch.Tensor], heads: dict[str, torch.Tensor],
+              split: str = "test") -> float:
+        t = self.tasks[task]
+        data: Split = getattr(t, split)
+        model = self.load(task, deltas, heads)
+        return compute_metric(t.metric, predict(model, self.tokenizer, data, self.max_length, self.batch_size),
+                              data.labels)
+
+
+def adapter_deltas(adapter: LoraAdapter, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Dense ``scale · s·B@A`` per module."""
+    return {m: adapter.delta(m) * scale for m in adapter.modules}
+
+
+def evaluate_adapter(model_spec: str, adapter: LoraAdapter, tasks: list[Task], split: str = "test",
+                     max_length: int = 64, heads: dict[str, dict] | None = None) -> dict[str, float]:
+    """Metric of one adapter (single or merged) on each task; ``heads`` maps task → head tensors
+    (default: the adapter's own head, which must fit every task)."""
+    evaluator = TaskEvaluator(model_spec, tasks, max_length)
+    validate_adapter(adapter, evaluator.models[tasks[0].name], heads=False)  # heads are checked per task
+    deltas = adapter_deltas(adapter)
+    return {t.name: evaluator.score(t.name, deltas, (heads or {}).get(t.name, adapter.heads), split)
+            for t in tasks}
+
+
+def output_energy(adapter: LoraAdapter, module: str, gram: torch.Tensor) -> float:
+    """‖ΔW Xᵀ‖_F² = tr((A G Aᵀ)(s²BᵀB)) from factors and a Gram matrix, an r×r computation."""
+    b, a = adapter.factors(module)
+    a, b = a.double(), b.double()
+    return float(torch.trace((a @ gram @ a.T) @ (b.T @ b)))
+
+
+def interference_matrix(adapters: list[LoraAdapter], stats: list[ActivationStats],
+                        per_module: bool = False) -> np.ndarray | dict[str, np.ndarray]:
+    """R[i, j] = ‖ΔW_j X_iᵀ‖ / ‖ΔW_i X_iᵀ‖ over all modules (task i's inputs ``stats[i]``).
+
+    The diagonal is 1; off-diagonal entries say how much adapter j shifts task i's layer outputs
+    relative to task i's own update. ``per_module=True`` returns one matrix per module.
+    """
+    if len(adapters) != len(stats):
+        raise OrthomergeError("one statistics file per adapter is needed for interference")
+    modules = adapters[0].modules
+    energy = np.zeros((len(modules), len(adapters), len(adapters)))
+    for k, m in enumerate(modules):
+        for i, st in enumerate(stats):
+            gram = st.gram(m)
+            for j, ad in enumerate(adapters):
+                energy[k, i, j] = output_energy(ad, m, gram)
+    if per_module:
+        return {m: np.sqrt(e / np.diag(e)[:, None]) for m, e in zip(modules, energy)}
+    total = energy.sum(0)
+    return np.sqrt(total / np.diag(total)[:, None])

@@ -1,0 +1,223 @@
+"""LoRA fine-tuning of one task, with the standard init, OSRM, or scale-matched controls.
+
+Every init sees the same head init, data order and hyper-parameters for a given seed, so arms differ
+only in how ``A`` starts (and, optionally, how it may move): that is what makes comparisons fair.
+
+Inits: ``lora`` (PEFT default, Kaiming-uniform A), ``osrm`` (paper), ``orthogonal`` (a random orthonormal
+A, unit rows, data-free), ``lora-unit`` (the PEFT default A rescaled to unit rows). Options that keep A
+near its subspace: ``freeze="A"``; ``subspace_k`` (A may only rotate within the k lowest-interference
+directions: projected after every step); ``interference_weight`` μ (adds μ·tr(A S_¬t Aᵀ)/tr(A Aᵀ)).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import LoraAdapter, from_peft_model, new_peft_model
+from .errors import OrthomergeError
+from .evaluate import predict
+from .models import load_model, load_tokenizer
+from .osrm import osrm_bases, other_second_moment, smallest_eigenvectors
+from .stats import ActivationStats
+from .tasks import Split, Task, compute_metric
+
+INITS = ("lora", "osrm", "orthogonal", "lora-unit")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one LoRA fine-tune (recorded in the adapter's ``orthomerge.json``)."""
+
+    init: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    lr: float = 1e-3
+    epochs: int = 2
+    batch_size: int = 32
+    max_length: int = 64
+    seed: int = 0
+    freeze: str = "none"            # "A", "B" or "none"
+    warmup: float = 0.06
+    weight_decay: float = 0.0
+    variant: str = "paper"          # OSRM variant
+    beta: float = 0.0               # OSRM own-task tie-break
+    subspace_k: int = 0             # > 0: A stays in the k lowest-interference directions
+    interference_weight: float = 0.0  # μ of the interference regulariser
+
+    def check(self) -> None:
+        if self.init not in INITS:
+            raise OrthomergeError(f"unknown init {self.init!r} (choose from {', '.join(INITS)})")
+        if self.freeze not in ("A", "B", "none"):
+            raise OrthomergeError(f"--freeze must be A, B or none, got {self.freeze!r}")
+        if self.subspace_k and self.subspace_k < self.rank:
+            raise OrthomergeError(f"subspace k={self.subspace_k} must be ≥ rank {self.rank}")
+        for name in ("lr", "epochs", "batch_size", "max_length", "rank"):
+            if getattr(self, name) <= 0:
+                raise OrthomergeError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.init == "osrm" or self.subspace_k > 0 or self.interference_weight > 0
+
+
+def lora_layers(peft_model) -> dict:
+    """Base-model module name → PEFT LoRA layer of the active adapter."""
+    name = peft_model.active_adapter
+    return {n[len("base_model.model."):]: m for n, m in peft_model.named_modules()
+            if hasattr(m, "lora_A") and name in getattr(m, "lora_A", {})}
+
+
+def _set_A(peft_model, bases: dict[str, np.ndarray | torch.Tensor]) -> None:
+    name = peft_model.active_adapter
+    with torch.no_grad():
+        for module, layer in lora_layers(peft_model).items():
+            w = layer.lora_A[name].weight
+            w.copy_(torch.as_tensor(bases[module]).to(w.dtype))
+            layer.lora_B[name].weight.zero_()
+
+
+def initialise(peft_model, config: TrainConfig, others: list[ActivationStats] | None,
+               own: ActivationStats | None) -> dict:
+    """Set A per ``config.init`` (B stays 0). Returns metadata describing the init."""
+    name = peft_model.active_adapter
+    layers = lora_layers(peft_model)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    if config.init == "osrm":
+        bases = osrm_bases(list(layers), others, config.rank, config.variant, own, config.beta,
+                           model=peft_model.get_base_model())
+    elif config.init == "orthogonal":
+        bases = {}
+        for m, layer in layers.items():
+            n = layer.lora_A[name].weight.shape[1]
+            q, _ = torch.linalg.qr(torch.randn(n, config.rank, generator=generator, dtype=torch.float64))
+            bases[m] = q.T
+    elif config.init == "lora-unit":
+        bases = {m: torch.nn.functional.normalize(layer.lora_A[name].weight.detach().double(), dim=1)
+                 for m, layer in layers.items()}
+    else:
+        return {"init": "lora"}
+    _set_A(peft_model, bases)
+    return {"init": config.init}
+
+
+def _batches(encodings: list[dict], labels: list, order: list[int], batch_size: int, tokenizer, regression: bool):
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = tokenizer.pad([encodings[i] for i in idx], return_tensors="pt")
+        dtype = torch.float32 if regression else torch.long
+        batch["labels"] = torch.tensor([labels[i] for i in idx], dtype=dtype)
+        yield batch
+
+
+def encode(tokenizer, split: Split, max_length: int) -> list[dict]:
+    """Tokenise once without padding (batches pad dynamically)."""
+    enc = tokenizer(split.texts, split.pairs, truncation=True, max_length=max_length)
+    return [{k: enc[k][i] for k in enc} for i in range(len(split))]
+
+
+class _Constraints:
+    """Subspace projection and interference regulariser, both from the other tasks' statistics."""
+
+    def __init__(self, peft_model, config: TrainConfig, others: list[ActivationStats] | None):
+        self.name = peft_model.active_adapter
+        self.layers = lora_layers(peft_model)
+        self.projectors, self.moments = {}, {}
+        if not (config.subspace_k or config.interference_weight):
+            return
+        if not others:
+            raise OrthomergeError("subspace/interference options need the other tasks' statistics")
+        for m in self.layers:
+            moment = other_second_moment(others, m)
+            if config.subspace_k:
+                _, rows = smallest_eigenvectors(moment, config.subspace_k)
+                u = torch.from_numpy(rows.T).float()
+                self.projectors[m] = u @ u.T
+            if config.interference_weight:
+                self.moments[m] = torch.from_numpy(moment).float()
+        self.mu = config.interference_weight
+
+    def project(self) -> None:
+        """Put each A back into its allowed subspace (after every optimiser step and at the start)."""
+        with torch.no_grad():
+            for m, p in self.projectors.items():
+                w = self.layers[m].lora_A[self.name].weight
+                w.copy_(w @ p)
+
+    def penalty(self) -> torch.Tensor | float:
+        """μ · Σ_modules tr(A S_¬t Aᵀ) / tr(A Aᵀ)."""
+        if not self.moments:
+            return 0.0
+        total = 0.0
+        for m, s in self.moments.items():
+            total = total + interference_penalty(self.layers[m].lora_A[self.name].weight, s)
+        return self.mu * total
+
+
+def interference_penalty(A: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
+    """tr(A S Aᵀ) / tr(A Aᵀ): the other tasks' mean energy through A, scale-free."""
+    return torch.einsum("rn,nm,rm->", A, moment, A) / (A * A).sum()
+
+
+def train_adapter(model_spec: str, task: Task, config: TrainConfig,
+                  others: list[ActivationStats] | None = None, own: ActivationStats | None = None,
+                  progress: bool = True) -> LoraAdapter:
+    """Fine-tune a LoRA (and the task head) on ``task.train``; validate after every epoch."""
+    config.check()
+    if config.needs_stats and not others:
+        raise OrthomergeError(f"init {config.init!r} with these options needs the other tasks' statistics")
+    started = time.time()
+    tokenizer = load_tokenizer(model_spec)
+    model = load_model(model_spec, num_labels=task.num_labels, regression=task.is_regression, seed=config.seed)
+    torch.manual_seed(config.seed)  # PEFT's own A init draws from the global generator
+    peft_model = new_peft_model(model, config.targets, config.rank, config.alpha)
+    init_meta = initialise(peft_model, config, others, own)
+    initial_A = {m: layer.lora_A[peft_model.active_adapter].weight.detach().clone()
+                 for m, layer in lora_layers(peft_model).items()}
+    constraints = _Constraints(peft_model, config, others)
+    constraints.project()
+    for name, p in peft_model.named_parameters():
+        if (config.freeze == "A" and "lora_A" in name) or (config.freeze == "B" and "lora_B" in name):
+            p.requires_grad_(False)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps = config.epochs * math.ceil(len(task.train) / config.batch_size)
+    warmup = int(config.warmup * steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
+    encodings = encode(tokenizer, task.train, config.max_length)
+    order_rng = torch.Generator().manual_seed(config.seed)
+    history = []
+    bar = tqdm(total=steps, desc=f"train {task.name} ({config.init})", unit="step", disable=not progress)
+    for epoch in range(config.epochs):
+        peft_model.train()
+        order = torch.randperm(len(encodings), generator=order_rng).tolist()
+        losses = []
+        for batch in _batches(encodings, task.train.labels, order, config.batch_size, tokenizer,
+                              task.is_regression):
+            loss = peft_model(**batch).loss + constraints.penalty()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            optimiser.zero_grad(set_to_none=True)
+            constraints.project()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        score = compute_metric(task.metric, predict(peft_model, tokenizer, task.validation, config.max_length),
+                               task.validation.labels)
+        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), f"val_{task.metric}": score})
+    bar.close()
+    metadata = {
+        **init_meta, "task": task.name, "metric": task.metric, "labels": task.label_names,
+        "config": asdict(config), "history": history, "train_seconds": round(time.time() - started, 1),
+        "model": model_spec,
+    }
+    adapter = from_peft_model(peft_model.eval(), metadata=metadata)
+    adapter.initial_A = initial_A
+    return adapter

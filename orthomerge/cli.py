@@ -11,7 +11,7 @@ import sys
 
 from .errors import OrthomergeError
 
-COMMAND_MODULES = ["stats", "osrm"]
+COMMAND_MODULES = ["stats", "osrm", "merge"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,252 @@
+"""Element-wise rules on dense task matrices: TIES, DARE (linear / TIES), magnitude prune, and their kernels.
+
+The papers define these on dense ΔW_i (merging.md pitfall 2); the registered ``ties``, ``dare_*`` and
+``magnitude_prune`` run them there, streamed: one module at a time, float32, each task's ΔW_i built from
+its factors only when needed (once for the trim threshold, then in row blocks), so peak memory is a few
+dense matrices of one module whatever the number of tasks. The same kernels run on Core-Space / KnOTS
+coordinates in :mod:`orthomerge.merge.subspace` (different methods, different names).
+
+Choices where implementations disagree (each an option; defaults named):
+
+* **trim threshold** — per task, keep the entries with ``|τ| ≥ t``, ``t`` = the k-th largest ``|τ|``,
+  ``k = ⌊density·numel⌋`` (PEFT's k). Ties at ``t`` are all kept (may keep slightly more than k).
+  Found by selection (``select="partition"``: numpy in-place introselect, default; ``"kthvalue"``:
+  ``torch.kthvalue``), never a full sort (``"sort"`` exists only as the benchmark baseline).
+* **trim scope** — ``"tensor"`` (default; PEFT, mergekit: one threshold per task and module) or
+  ``"model"`` (TIES reference code: one threshold per task over all its modules; computed exactly by the
+  API with a streamed histogram, see :func:`orthomerge.merge.api.model_thresholds`).
+* **sign election** — ``sign="total"`` (default; γ = sign Σ_i w_i τ̂_i, TIES "sum of values", weighted as
+  in mergekit; PEFT elects on the unweighted τ̂_i — identical for equal positive weights) or
+  ``"frequency"`` (γ = sign Σ_i sign(w_i τ̂_i)). A zero sum elects +1 (PEFT).
+* **disjoint mean normaliser** — ``normalize="count"`` (default; TIES reference code, PEFT, MergeLM/EMR:
+  divide by the number of agreeing tasks) or ``"weight"`` (mergekit ``normalize: true``: divide by the
+  sum of |w_i| of the agreeing tasks).
+* **DARE** — keep each entry with probability ``density`` (= 1 − p), rescale kept entries by 1/density
+  (``rescale=True``, default). The mask of (task, module, row block) comes from a generator seeded by
+  the task's seed for that module and the block index only, so it is independent of adapter order and
+  of the number of adapters.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import OrthomergeError
+from .registry import Dense, ModuleTask, per_task, register
+
+BLOCK_ELEMENTS = 1 << 20  # entries of one task's row block (DARE masks are generated per block)
+
+
+def block_rows(n: int) -> int:
+    return max(1, BLOCK_ELEMENTS // max(n, 1))
+
+
+def kth_largest_abs(x: torch.Tensor, k: int, select: str = "partition") -> float:
+    """The k-th largest ``|x|`` (1 ≤ k ≤ numel). ``x`` is consumed (its storage is reused)."""
+    a = x.reshape(-1).abs_()
+    pos = a.numel() - k
+    if select == "partition":
+        arr = a.numpy()
+        arr.partition(pos)
+        return float(arr[pos])
+    if select == "kthvalue":
+        return float(torch.kthvalue(a, pos + 1).values)
+    if select == "sort":
+        return float(torch.sort(a).values[pos])
+    raise OrthomergeError(f"select={select!r}: choose partition, kthvalue or sort")
+
+
+def trim_threshold(x: torch.Tensor, density: float, select: str = "partition") -> float:
+    """Threshold ``t`` so that ``|x| ≥ t`` keeps the top ``⌊density·numel⌋`` entries (ties kept)."""
+    k = int(density * x.numel())
+    if k >= x.numel():
+        return 0.0
+    if k <= 0:
+        return float("inf")
+    return kth_largest_abs(x, k, select)
+
+
+def check_density(density: list[float]) -> None:
+    for d in density:
+        if not 0.0 <= d <= 1.0:
+            raise OrthomergeError(f"density {d} is outside [0, 1]")
+
+
+def task_thresholds(tasks, density, select: str = "partition") -> list[float]:
+    """Per-tensor trim thresholds, one task's dense matrix in memory at a time."""
+    dens = per_task(density, len(tasks), "density")
+    check_density(dens)
+    return [trim_threshold(tasks.full(i), d, select) for i, d in enumerate(dens)]
+
+
+def dare_mask(seed: int, block: int, shape: tuple[int, int], density: float) -> torch.Tensor:
+    """Bernoulli(density) keep-mask for one row block, from a generator seeded by (seed, block)."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + block) % (2**63 - 1))
+    return torch.rand(shape, generator=g) < density
+
+
+def elect_disjoint(weighted: torch.Tensor, weights: torch.Tensor, sign: str, normalize: str) -> torch.Tensor:
+    """TIES elect + disjoint mean over the first dim of ``weighted`` [T, b, n] (entries w_i τ̂_i)."""
+    if sign == "total":
+        votes = weighted.sum(0)
+    elif sign == "frequency":
+        votes = torch.sign(weighted).sum(0)
+    else:
+        raise OrthomergeError(f"sign={sign!r}: choose total or frequency")
+    gamma = torch.where(votes >= 0, 1.0, -1.0)
+    agree = torch.sign(weighted) == gamma
+    num = (weighted * agree).sum(0)
+    if normalize == "count":
+        den = agree.sum(0).to(num.dtype)
+    elif normalize == "weight":
+        den = (agree * weights.abs()).sum(0)
+    else:
+        raise OrthomergeError(f"normalize={normalize!r}: choose count or weight")
+    return num / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def _blocks(tasks, prepare):
+    """Yield ``(start, stop, stacked)``: row blocks of every task, each passed through ``prepare(i, j, x)``."""
+    m, n = tasks.shape
+    step = block_rows(n)
+    for j, start in enumerate(range(0, m, step)):
+        stop = min(start + step, m)
+        yield start, stop, torch.stack([prepare(i, j, tasks.rows(i, start, stop)) for i in range(len(tasks))])
+
+
+def _trimmer(thresholds):
+    def prepare(i, j, x):
+        return x.masked_fill_(x.abs() < thresholds[i], 0.0) if thresholds[i] > 0 else x
+    return prepare
+
+
+def _dropper(tasks, density, rescale: bool):
+    dens = per_task(density, len(tasks), "density")
+    check_density(dens)
+    seeds = tasks.seeds or list(range(len(tasks)))
+
+    def prepare(i, j, x):
+        if dens[i] >= 1.0:
+            return x
+        if dens[i] <= 0.0:
+            return x.zero_()
+        x = x * dare_mask(seeds[i], j, tuple(x.shape), dens[i])
+        return x / dens[i] if rescale else x
+    return prepare
+
+
+def _combine(tasks, prepare, reduce) -> torch.Tensor:
+    out = torch.empty(tasks.shape, dtype=torch.float32)
+    w = torch.tensor(tasks.weights, dtype=torch.float32).view(-1, 1, 1)
+    for start, stop, stacked in _blocks(tasks, prepare):
+        out[start:stop] = reduce(stacked * w, w)
+    return out
+
+
+def _weighted_sum(weighted, _w):
+    return weighted.sum(0)
+
+
+def _ties_reduce(sign, normalize):
+    return lambda weighted, w: elect_disjoint(weighted, w, sign, normalize)
+
+
+# ---------------------------------------------------------------- kernels on any task matrices
+
+
+def ties_kernel(tasks, density=0.2, scale=1.0, sign="total", normalize="count", select="partition",
+                thresholds=None) -> torch.Tensor:
+    """TIES: trim to the top ``density`` by |τ_i|, elect γ, disjoint mean, × λ (``scale``)."""
+    t = thresholds if thresholds is not None else task_thresholds(tasks, density, select)
+    return _combine(tasks, _trimmer(t), _ties_reduce(sign, normalize)).mul_(scale)
+
+
+def magnitude_prune_kernel(tasks, density=0.2, scale=1.0, select="partition", thresholds=None) -> torch.Tensor:
+    """Trim each τ_i to its top ``density`` by magnitude, then λ Σ w_i τ̂_i (no sign election; PEFT)."""
+    t = thresholds if thresholds is not None else task_thresholds(tasks, density, select)
+    return _combine(tasks, _trimmer(t), _weighted_sum).mul_(scale)
+
+
+def dare_linear_kernel(tasks, density=0.5, scale=1.0, rescale=True) -> torch.Tensor:
+    """DARE then task arithmetic: λ Σ w_i (m_i ⊙ τ_i)/density, m_i ~ Bernoulli(density)."""
+    return _combine(tasks, _dropper(tasks, density, rescale), _weighted_sum).mul_(scale)
+
+
+def dare_ties_kernel(tasks, density=0.5, scale=1.0, rescale=True, sign="total", normalize="count") -> torch.Tensor:
+    """DARE drop/rescale instead of the magnitude trim, then TIES election and disjoint mean."""
+    return _combine(tasks, _dropper(tasks, density, rescale), _ties_reduce(sign, normalize)).mul_(scale)
+
+
+def ta_kernel(tasks, scale=1.0) -> torch.Tensor:
+    """λ Σ w_i τ_i on explicit matrices (Core-Space / KnOTS coordinates)."""
+    return _combine(tasks, lambda i, j, x: x, _weighted_sum).mul_(scale)
+
+
+# ---------------------------------------------------------------- registered dense-space methods
+
+TIES_DEFAULTS = {"density": 0.2, "scale": 1.0, "sign": "total", "normalize": "count", "select": "partition",
+                 "trim_scope": "tensor"}
+PRUNE_DEFAULTS = {"density": 0.2, "scale": 1.0, "select": "partition", "trim_scope": "tensor"}
+DARE_DEFAULTS = {"density": 0.5, "scale": 1.0, "rescale": True}
+
+
+@register("ties", space="dense", family="elementwise", defaults=TIES_DEFAULTS,
+          summary="TIES on dense ΔW: trim (density), elect sign, disjoint mean; re-compressed or --dense")
+def ties(task: ModuleTask, trim_scope="tensor", thresholds=None, **params) -> Dense:
+    """TIES-Merging (Yadav et al. 2023) on dense ΔW_i; identity at density 1 (one adapter, weight 1)."""
+    return Dense(ties_kernel(task, thresholds=thresholds, **params))
+
+
+@register("magnitude_prune", space="dense", family="elementwise", defaults=PRUNE_DEFAULTS,
+          summary="keep each ΔW_i's top-density entries by magnitude, weighted sum (PEFT magnitude_prune)")
+def magnitude_prune(task: ModuleTask, trim_scope="tensor", thresholds=None, **params) -> Dense:
+    """Magnitude pruning then weighted sum; identity at density 1."""
+    return Dense(magnitude_prune_kernel(task, thresholds=thresholds, **params))
+
+
+@register("dare_linear", space="dense", family="elementwise", defaults=DARE_DEFAULTS, random=True,
+          summary="DARE (drop 1-density, rescale) on dense ΔW_i, then weighted sum; seeded per adapter+module")
+def dare_linear(task: ModuleTask, **params) -> Dense:
+    """DARE + task arithmetic (Yu et al. 2024); identity at density 1 (p = 0)."""
+    return Dense(dare_linear_kernel(task, **params))
+
+
+@register("dare_ties", space="dense", family="elementwise", random=True,
+          defaults={**DARE_DEFAULTS, "sign": "total", "normalize": "count"},
+          summary="DARE drop/rescale on dense ΔW_i, then TIES sign election and disjoint mean")
+def dare_ties(task: ModuleTask, **params) -> Dense:
+    """DARE + TIES election/disjoint mean; identity at density 1 (p = 0)."""
+    return Dense(dare_ties_kernel(task, **params))
+
+
+def abs_histogram_threshold(chunks, density: float, bins: int = 1 << 16) -> float:
+    """Exact k-th largest |x| over several tensors without holding them together (TIES ``trim_scope="model"``).
+
+    ``chunks`` is a callable returning a fresh iterator of tensors (e.g. one task's ΔW per module, built
+    on the fly). Pass 1: count and global max; pass 2: a histogram of |x| locates the bin holding the k-th
+    largest value; pass 3: the values of that bin, selected exactly. The same bin formula serves passes
+    2 and 3, so the counts agree.
+    """
+    total, top = 0, 0.0
+    for c in chunks():
+        total += c.numel()
+        top = max(top, float(c.abs().max()))
+    k = int(density * total)
+    if k >= total or top == 0:
+        return 0.0
+    if k <= 0:
+        return float("inf")
+
+    def bin_of(c):
+        return (c.abs().to(torch.float64) * (bins / top)).floor_().clamp_(max=bins - 1).long().reshape(-1)
+
+    hist = torch.zeros(bins, dtype=torch.long)
+    for c in chunks():
+        hist += torch.bincount(bin_of(c), minlength=bins)
+    above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])  # above[b] = #values in bins ≥ b
+    b = int((above >= k).nonzero().max())
+    k_in_bin = k - (int(above[b + 1]) if b + 1 < bins else 0)
+    vals = np.concatenate([c.abs().reshape(-1)[bin_of(c) == b].numpy() for c in chunks()])
+    pos = vals.size - k_in_bin
+    vals.partition(pos)
+    return float(vals[pos])

@@ -1,0 +1,134 @@
+"""Exact low-rank algebra on factors (merging.md §2) and re-compression with a reported error.
+
+* :func:`factored_svd` — exact thin SVD of ``B @ A`` from thin QRs of both factors and an R×R SVD
+  (O((m+n)R²), no dense matrix), restricted to the **numerical rank** ρ = #{σ_j > tol·σ₁} with
+  ``tol = max(m, n)·eps(float32)`` (numpy ``matrix_rank``'s default for float32 data). Zero singular
+  values are dropped, never flattened or kept with arbitrary vectors.
+* :func:`recompress_factors` — exact truncation to rank k; Σ goes into B (PEFT's ``svd`` convention:
+  ``B' = U_k Σ_k``, ``A' = V_kᵀ``).
+* :func:`recompress_dense` — rank-k approximation of a dense (full-rank) update: exact SVD for
+  matrices up to ``EXACT_SVD_MAX`` entries, randomized range finder (4 power iterations, 10 extra
+  columns) above. In both cases the reported error is exact: the result is an orthogonal projection
+  ``U_k U_kᵀ ΔW``, so ``‖ΔW − ΔW_k‖²_F = ‖ΔW‖²_F − ‖Σ_k‖²``.
+
+Decompositions run in float64 on per-matrix upcasts (never bf16/fp16, merging.md pitfall 4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EPS32 = torch.finfo(torch.float32).eps
+EXACT_SVD_MAX = 2048 * 2048
+
+
+@dataclass
+class Loss:
+    """Re-compression loss of one module: squared Frobenius norms of the discarded part and of ΔW."""
+
+    rank_in: int
+    rank_out: int
+    err_sq: float = 0.0
+    total_sq: float = 0.0
+    how: str = "exact"
+
+    @property
+    def rel_error(self) -> float:
+        return (self.err_sq / self.total_sq) ** 0.5 if self.total_sq > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"rank_in": self.rank_in, "rank_out": self.rank_out, "rel_error": self.rel_error,
+                "discarded_energy": self.err_sq / self.total_sq if self.total_sq > 0 else 0.0,
+                "err_sq": self.err_sq, "total_sq": self.total_sq, "svd": self.how}
+
+
+def numerical_rank(s: torch.Tensor, shape: tuple[int, int], rtol: float | None = None) -> int:
+    """#{σ_j > tol·σ₁}; ``tol`` defaults to ``max(m, n)·eps(float32)``."""
+    if s.numel() == 0 or float(s[0]) <= 0:
+        return 0
+    tol = rtol if rtol is not None else max(shape) * EPS32
+    return int((s > tol * s[0]).sum())
+
+
+def svd_flip(u: torch.Tensor, vh: torch.Tensor | None = None):
+    """Deterministic signs: the largest-|·| entry of every column of ``u`` is made positive (rows of ``vh``
+    flipped with it). Element-wise rules in a singular basis depend on these signs."""
+    idx = u.abs().argmax(dim=0)
+    signs = torch.sign(u[idx, torch.arange(u.shape[1])])
+    signs[signs == 0] = 1
+    u = u * signs
+    return (u, vh * signs[:, None]) if vh is not None else u
+
+
+def orth_basis(x: torch.Tensor, rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors (sign-fixed) and singular values of a tall matrix ``x`` [m, R], numerical rank only.
+
+    Thin QR then an R×R SVD: ``x = Q R``, ``R = U_r Σ Wᵀ`` ⇒ ``x = (Q U_r) Σ Wᵀ``.
+    """
+    x = x.to(torch.float64)
+    q, r = torch.linalg.qr(x)
+    u_r, s, _ = torch.linalg.svd(r)
+    rho = numerical_rank(s, tuple(x.shape), rtol)
+    return svd_flip(q @ u_r[:, :rho]), s[:rho]
+
+
+def factored_svd(B: torch.Tensor, A: torch.Tensor, rtol: float | None = None):
+    """Exact thin SVD ``B @ A = U diag(S) Vh`` at numerical rank (float64): returns ``U, S, Vh``."""
+    B = B.to(torch.float64)
+    A = A.to(torch.float64)
+    m, n = B.shape[0], A.shape[1]
+    qb, rb = torch.linalg.qr(B)
+    qa, ra = torch.linalg.qr(A.T)
+    uk, s, vkh = torch.linalg.svd(rb @ ra.T)
+    rho = numerical_rank(s, (m, n), rtol)
+    return qb @ uk[:, :rho], s[:rho], vkh[:rho] @ qa.T
+
+
+def recompress_factors(B: torch.Tensor, A: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, Loss]:
+    """Exact rank-``rank`` truncation of ``B @ A`` (Σ in B); unchanged when ``rank`` ≥ the factor rank."""
+    r_in = A.shape[0]
+    if rank is None or rank >= r_in:
+        return B, A, Loss(r_in, r_in)
+    u, s, vh = factored_svd(B, A)
+    k = min(rank, s.numel())
+    loss = Loss(r_in, k, float((s[k:] ** 2).sum()), float((s ** 2).sum()))
+    return (u[:, :k] * s[:k]).to(torch.float32), vh[:k].to(torch.float32), loss
+
+
+def _randomized_range(d: torch.Tensor, k: int, niter: int = 4, oversample: int = 10, seed: int = 0) -> torch.Tensor:
+    """Orthonormal basis [m, k+p] approximating the range of ``d`` (Halko et al., power iterations)."""
+    m, n = d.shape
+    g = torch.Generator().manual_seed(seed)
+    omega = torch.randn(n, min(k + oversample, min(m, n)), generator=g, dtype=d.dtype)
+    q, _ = torch.linalg.qr(d @ omega)
+    for _ in range(niter):
+        q, _ = torch.linalg.qr(d.T @ q)
+        q, _ = torch.linalg.qr(d @ q)
+    return q
+
+
+def recompress_dense(d: torch.Tensor, rank: int, svd: str = "auto") -> tuple[torch.Tensor, torch.Tensor, Loss]:
+    """Best (``exact``) or near-best (``randomized``) rank-``rank`` factors of a dense ``d``, Σ in B."""
+    m, n = d.shape
+    d = d.to(torch.float32)
+    total = float((d.to(torch.float64) ** 2).sum())
+    how = svd if svd != "auto" else ("exact" if m * n <= EXACT_SVD_MAX else "randomized")
+    k = min(rank, m, n)
+    if how == "exact":
+        u, s, vh = torch.linalg.svd(d.to(torch.float64), full_matrices=False)
+        rho = numerical_rank(s, (m, n))
+        k = min(k, rho)
+        B, A = u[:, :k] * s[:k], vh[:k]
+    elif how == "randomized":
+        q = _randomized_range(d, k)
+        small = (q.T @ d).to(torch.float64)
+        us, s, vh = torch.linalg.svd(small, full_matrices=False)
+        rho = numerical_rank(s, (m, n))
+        k = min(k, rho)
+        B, A = q.to(torch.float64) @ (us[:, :k] * s[:k]), vh[:k]
+    else:
+        raise ValueError(f"svd={svd!r}")
+    kept = float((s[:k] ** 2).sum())
+    loss = Loss(min(m, n), k, max(total - kept, 0.0), total, how)
+    return B.to(torch.float32), A.to(torch.float32), loss

@@ -1,0 +1,104 @@
+"""Spectral rules in factored form at numerical rank: TSV-M, Iso-C, Iso-CTS (merging.md §4.8–4.9).
+
+Every SVD here is the exact thin SVD of a LoRA product from its factors (:func:`factored_svd`), restricted
+to the numerical rank: zero singular values are dropped, so no arbitrary null directions enter the merge
+(the FusionBench ``iso_c`` pitfall of flattening all min(m, n) values). Weights scale each ΔW_i before the
+rule (w_i ΔW_i; a negative weight flips it); ``scale`` is the global coefficient (TSV's α, Iso's λ).
+"""
+from __future__ import annotations
+
+import torch
+
+from .linear import stack_factors
+from .recompress import factored_svd, numerical_rank
+from .registry import LowRank, ModuleTask, register
+
+
+def polar(x: torch.Tensor) -> torch.Tensor:
+    """Orthogonal polar factor ``P Qᵀ`` of ``x = P S Qᵀ`` (the nearest matrix with orthonormal columns)."""
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p @ qh
+
+
+def tsv_combine(triplets, shape: tuple[int, int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """TSV-M core: per-task (U_i, σ_i, V_iᵀ) truncated to ⌊min(m,n)/T⌋ → concat → polar(U), polar(V) →
+    ``B = α·U⊥·diag(σ)``, ``A = V⊥ᵀ``."""
+    budget = max(1, min(shape) // len(triplets))
+    us, ss, vhs = zip(*[(u[:, :budget], s[:budget], vh[:budget]) for u, s, vh in triplets])
+    u, s, vh = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)
+    if s.numel() == 0:
+        return torch.zeros(shape[0], 1), torch.zeros(1, shape[1])
+    return (scale * polar(u) * s).to(torch.float32), polar(vh.T).T.to(torch.float32)
+
+
+def dense_svd(x: torch.Tensor):
+    """Thin SVD of an explicit (small) matrix at numerical rank, float64."""
+    u, s, vh = torch.linalg.svd(x.to(torch.float64), full_matrices=False)
+    rho = numerical_rank(s, tuple(x.shape))
+    return u[:, :rho], s[:rho], vh[:rho]
+
+
+@register("tsv", space="factored", family="spectral", defaults={"scale": 1.0},
+          summary="TSV-M: per-task singular vectors, decorrelated by polar factors; rank Σr, exact from factors")
+def tsv(task: ModuleTask, scale: float = 1.0) -> LowRank:
+    """TSV-Merge (Gargiulo et al., CVPR 2025).
+
+    Per task the exact thin SVD of w_i ΔW_i (all r_i triplets fit the budget ⌊min(m,n)/T⌋ for LoRA; only
+    the numerical rank is kept); U = [U₁ … U_T], V = [V₁ … V_T], Σ = blockdiag(Σ_i); ``ΔW = α·U⊥ Σ V⊥ᵀ``
+    with U⊥, V⊥ the orthogonal polar factors. α = ``scale`` (default 1). Identity: one adapter → itself.
+    """
+    trip = [factored_svd(b * w, a) for (b, a), w in zip(task.factors, task.weights)]
+    B, A = tsv_combine(trip, task.shape, scale)
+    return LowRank(B, A)
+
+
+def tsv_kernel(tasks, scale: float = 1.0) -> torch.Tensor:
+    """TSV-M on explicit matrices (Core-Space cores / KnOTS coordinates); budget from their own shape."""
+    trip = [dense_svd(tasks.full(i) * w) for i, w in enumerate(tasks.weights)]
+    B, A = tsv_combine(trip, tasks.shape, scale)
+    return B @ A
+
+
+@register("iso_c", space="factored", family="spectral", defaults={"scale": 1.0},
+          summary="Iso-C: spectrum of Σ w_i ΔW_i flattened to its mean over the numerical rank only")
+def iso_c(task: ModuleTask, scale: float = 1.0) -> LowRank:
+    """Iso-C (Marczak et al., ICML 2025): ``ΔW = λ σ̄ U_ρ V_ρᵀ``, σ̄ = mean of the ρ nonzero singular values
+    of Σ w_i ΔW_i (ρ = numerical rank ≤ Σr). λ = ``scale`` (default 1; the paper tunes it, e.g. ~1.5 on
+    ViT). Not an identity for one adapter unless its spectrum is already flat (it isotropises)."""
+    u, s, vh = factored_svd(*stack_factors(task, task.weights))
+    if s.numel() == 0:
+        return LowRank(torch.zeros(task.shape[0], 1), torch.zeros(1, task.shape[1]))
+    return LowRank((scale * s.mean() * u).to(torch.float32), vh.to(torch.float32))
+
+
+@register("iso_cts", space="factored", family="spectral", defaults={"scale": 1.0, "common_fraction": 0.8},
+          summary="Iso-CTS: common + task-specific subspaces of the numerical rank, polar-orthogonalised, isotropic")
+def iso_cts(task: ModuleTask, scale: float = 1.0, common_fraction: float = 0.8) -> LowRank:
+    """Iso-CTS (Marczak et al., ICML 2025), budget split as in the paper's code, over ρ not min(m, n).
+
+    ρ = numerical rank of Σ w_i ΔW_i. Common size k = ⌊fraction·ρ⌋, then the task-specific total
+    ``round((ρ−k)/T)·T`` and ``k = ρ − that`` (so it splits evenly); common space = top-k singular triplets
+    of the sum; task i contributes the top ``(ρ−k)/T`` triplets of ``(I − U_k U_kᵀ) w_i ΔW_i`` (its own
+    numerical rank at most). The union of left (right) vectors is orthogonalised by its polar factor and
+    every singular value replaced by the mean of the selected ones; × λ (``scale``).
+    """
+    u, s, vh = factored_svd(*stack_factors(task, task.weights))
+    rho, t = s.numel(), len(task)
+    if rho == 0:
+        return LowRank(torch.zeros(task.shape[0], 1), torch.zeros(1, task.shape[1]))
+    k = int(rho * common_fraction)
+    specific = round((rho - k) / t) * t
+    k = max(rho - specific, 0)
+    per = specific // t
+    us, ss, vhs = [u[:, :k]], [s[:k]], [vh[:k]]
+    if per > 0:
+        uc = u[:, :k]
+        for (b, a), w in zip(task.factors, task.weights):
+            b = b.to(torch.float64) * w
+            ui, si, vhi = factored_svd(b - uc @ (uc.T @ b), a)
+            us.append(ui[:, :per])
+            ss.append(si[:per])
+            vhs.append(vhi[:per])
+    uu, sv, vv = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)
+    B = scale * sv.mean() * polar(uu)
+    return LowRank(B.to(torch.float32), polar(vv.T).T.to(torch.float32))

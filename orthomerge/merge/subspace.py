@@ -1,0 +1,105 @@
+"""Merging in an aligned basis: Core-Space (``core_*``) and KnOTS (``knots_*``) variants of TA/TIES/DARE/TSV.
+
+Both write every task's update in a shared orthonormal basis computed from the factors alone (no dense
+ΔW), run the base rule's kernel on the small coordinate matrices, and map back — the output is an exact
+low-rank adapter, no re-compression loss. Linear rules give exactly the full-space result; element-wise
+rules give *new* methods (they depend on the basis), so they are registered under their own names and
+never substituted for the dense-space ones (merging.md pitfall 2).
+
+**Core-Space** (Panariello et al., NeurIPS 2025): U_B = left singular vectors of B_stack = [B₁' … B_T']
+(m×R), V_A = right singular vectors of A_stack = [A₁; …; A_T] (R×n); cores M_i = U_Bᵀ B_i' A_i V_A;
+ΔW = U_B · rule(M_i) · V_Aᵀ. Here B_i' carries the LoRA scale s_i (not the weight w_i, which the rule
+applies); both bases are cut to their numerical rank.
+
+**KnOTS** (Stoica et al., ICLR 2025): [ΔW₁ … ΔW_T] = U Σ [V₁ᵀ … V_Tᵀ]; ΔW = U Σ · rule(V_iᵀ). Computed
+from QR of B_c = [B₁' … B_T'], QR of each A_iᵀ and one R×R SVD (merging.md §4.6), at numerical rank.
+
+Signs: every singular basis is sign-fixed (largest-|·| entry of each left vector positive), so element-wise
+results are deterministic. Trim scope is per coordinate matrix (one threshold per task and module).
+"""
+from __future__ import annotations
+
+import torch
+
+from .elementwise import (DARE_DEFAULTS, PRUNE_DEFAULTS, TIES_DEFAULTS, dare_linear_kernel, dare_ties_kernel,
+                          magnitude_prune_kernel, ta_kernel, ties_kernel)
+from .recompress import numerical_rank, orth_basis, svd_flip
+from .registry import DenseTasks, LowRank, ModuleTask, register
+from .spectral import tsv_kernel
+
+
+def _f64(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float64)
+
+
+def core_coords(task: ModuleTask):
+    """``U_B`` [m, ρ_B], ``V_A`` [n, ρ_A] (float64) and the cores ``M_i`` [ρ_B, ρ_A]."""
+    ub, _ = orth_basis(torch.cat([b for b, _ in task.factors], 1))
+    va, _ = orth_basis(torch.cat([a for _, a in task.factors], 0).T)
+    cores = [(ub.T @ _f64(b)) @ (_f64(a) @ va) for b, a in task.factors]
+    return ub, va, cores
+
+
+def knots_coords(task: ModuleTask):
+    """``U`` [m, ρ], ``σ`` [ρ] and the per-task coordinates ``V_iᵀ`` [ρ, n] with ΔW_i = U diag(σ) V_iᵀ."""
+    qb, rb = torch.linalg.qr(torch.cat([_f64(b) for b, _ in task.factors], 1))
+    qrs = [torch.linalg.qr(_f64(a).T) for _, a in task.factors]
+    offsets, blocks = 0, []
+    for q, r in qrs:
+        blocks.append(slice(offsets, offsets + r.shape[0]))
+        offsets += r.shape[0]
+    k = torch.cat([rb[:, blk] @ r.T for blk, (_, r) in zip(blocks, qrs)], 1)
+    uk, s, wh = torch.linalg.svd(k)
+    rho = numerical_rank(s, task.shape)
+    u, wh = svd_flip(qb @ uk[:, :rho], wh[:rho])
+    coords = [wh[:, blk] @ q.T for blk, (q, _) in zip(blocks, qrs)]
+    return u, s[:rho], coords
+
+
+def _tasks(task: ModuleTask, mats) -> DenseTasks:
+    return DenseTasks([m.to(torch.float32) for m in mats], task.weights, task.seeds, task.name)
+
+
+def core_merge(task: ModuleTask, kernel, **params) -> LowRank:
+    ub, va, cores = core_coords(task)
+    merged = _f64(kernel(_tasks(task, cores), **params))
+    return LowRank((ub @ merged).to(torch.float32), va.T.to(torch.float32).contiguous())
+
+
+def knots_merge(task: ModuleTask, kernel, **params) -> LowRank:
+    u, s, coords = knots_coords(task)
+    merged = kernel(_tasks(task, coords), **params)
+    return LowRank((u * s).to(torch.float32), merged.to(torch.float32).contiguous())
+
+
+def _no_scope(defaults: dict) -> dict:
+    return {k: v for k, v in defaults.items() if k != "trim_scope"}
+
+
+RULES = {
+    # base name: (kernel, defaults, random, linear)
+    "task_arithmetic": (ta_kernel, {"scale": 1.0}, False, True),
+    "ties": (ties_kernel, _no_scope(TIES_DEFAULTS), False, False),
+    "magnitude_prune": (magnitude_prune_kernel, _no_scope(PRUNE_DEFAULTS), False, False),
+    "dare_linear": (dare_linear_kernel, dict(DARE_DEFAULTS), True, False),
+    "dare_ties": (dare_ties_kernel, {**DARE_DEFAULTS, "sign": "total", "normalize": "count"}, True, False),
+    "tsv": (tsv_kernel, {"scale": 1.0}, False, False),
+}
+SPACE_MERGE = {"core": (core_merge, "Core-Space (R×R cores of SVD bases of the stacked factors)"),
+               "knots": (knots_merge, "KnOTS (per-task V_i of the SVD of the concatenated updates)")}
+
+
+def _make(merge, kernel):
+    def method(task: ModuleTask, **params) -> LowRank:
+        return merge(task, kernel, **params)
+    return method
+
+
+for _space, (_merge, _where) in SPACE_MERGE.items():
+    for _base, (_kernel, _defaults, _random, _linear) in RULES.items():
+        _fn = _make(_merge, _kernel)
+        _fn.__name__ = f"{_space}_{_base}"
+        _fn.__doc__ = f"{_base} applied in {_where}; exact low-rank output."
+        register(f"{_space}_{_base}", space=_space, family="subspace", base=_base, defaults=_defaults,
+                 random=_random, linear=_linear,
+                 summary=f"{_base} in {_where.split(' (')[0]} coordinates; exact low-rank output")(_fn)

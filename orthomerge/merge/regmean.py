@@ -56,6 +56,8 @@ def regmean_factors(factors, grams, weights, alpha=0.9, gram="sum", tokens=None)
         raise OrthomergeError(f"regmean gram={gram!r}: choose sum or mean")
     if not 0.0 <= alpha <= 1.0:
         raise OrthomergeError(f"regmean alpha {alpha} is outside [0, 1]")
+    if any(w <= 0 for w in weights):
+        raise OrthomergeError("regmean: weights scale each task's Gram matrix and must be positive")
     gt = []
     for i, g in enumerate(grams):
         g = shrink(g, alpha)

@@ -379,6 +379,8 @@ def merge_adapters(adapters, method: str = "task_arithmetic", weights=None, *, s
     if not dense:
         if not spec.per_task:
             merged = LoraAdapter.from_factors(*factors[""], heads={}, base=adapters[0], metadata=meta)
+            # No head here: without task_type PEFT does not expect modules_to_save (SEQ_CLS would add one).
+            merged.config.update(task_type=None, modules_to_save=None)
         for i, (name, a) in enumerate(zip(names, adapters)):
             B, A = factors[name] if spec.per_task else factors[""]
             tasks[name] = LoraAdapter.from_factors(B, A, heads=a.heads, base=a,

@@ -34,7 +34,7 @@ import torch
 from ..errors import OrthomergeError
 from .registry import Dense, ModuleTask, per_task, register
 
-BLOCK_ELEMENTS = 1 << 20  # entries of one task's row block (DARE masks are generated per block)
+BLOCK_ELEMENTS = 1 << 18  # entries of one task's row block (DARE masks are generated per block)
 
 
 def block_rows(n: int) -> int:

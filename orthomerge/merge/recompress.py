@@ -7,7 +7,7 @@
 * :func:`recompress_factors` — exact truncation to rank k; Σ goes into B (PEFT's ``svd`` convention:
   ``B' = U_k Σ_k``, ``A' = V_kᵀ``).
 * :func:`recompress_dense` — rank-k approximation of a dense (full-rank) update: exact SVD for
-  matrices up to ``EXACT_SVD_MAX`` entries, randomized range finder (4 power iterations, 10 extra
+  matrices up to ``EXACT_SVD_MAX`` entries (float32 LAPACK), randomized range finder (4 power iterations, 10 extra
   columns) above. In both cases the reported error is exact: the result is an orthogonal projection
   ``U_k U_kᵀ ΔW``, so ``‖ΔW − ΔW_k‖²_F = ‖ΔW‖²_F − ‖Σ_k‖²``.
 
@@ -112,11 +112,11 @@ def recompress_dense(d: torch.Tensor, rank: int, svd: str = "auto") -> tuple[tor
     """Best (``exact``) or near-best (``randomized``) rank-``rank`` factors of a dense ``d``, Σ in B."""
     m, n = d.shape
     d = d.to(torch.float32)
-    total = float((d.to(torch.float64) ** 2).sum())
+    total = float(torch.linalg.vector_norm(d)) ** 2   # no float64 copy of a large matrix
     how = svd if svd != "auto" else ("exact" if m * n <= EXACT_SVD_MAX else "randomized")
     k = min(rank, m, n)
     if how == "exact":
-        u, s, vh = torch.linalg.svd(d.to(torch.float64), full_matrices=False)
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)      # float32 (LAPACK gesdd), thin
         rho = numerical_rank(s, (m, n))
         k = min(k, rho)
         B, A = u[:, :k] * s[:k], vh[:k]
@@ -127,8 +127,9 @@ def recompress_dense(d: torch.Tensor, rank: int, svd: str = "auto") -> tuple[tor
         rho = numerical_rank(s, (m, n))
         k = min(k, rho)
         B, A = q.to(torch.float64) @ (us[:, :k] * s[:k]), vh[:k]
+        s = s.to(torch.float32)
     else:
         raise ValueError(f"svd={svd!r}")
-    kept = float((s[:k] ** 2).sum())
+    kept = float((s[:k].to(torch.float64) ** 2).sum())
     loss = Loss(min(m, n), k, max(total - kept, 0.0), total, how)
     return B.to(torch.float32), A.to(torch.float32), loss

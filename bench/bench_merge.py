@@ -1,0 +1,284 @@
+"""Merging benchmark: orthomerge vs PEFT ``add_weighted_adapter`` on synthetic large LoRA modules.
+
+Every measurement runs in its own subprocess (time with ``perf_counter``, peak RSS from ``getrusage``),
+on the same seeded adapters: one module of shape m×n (4096×4096, 14336×4096), T = 3 or 8 adapters, r = 16,
+weights 1. The PEFT side wraps a single ``nn.Linear`` with PEFT and calls ``add_weighted_adapter`` with
+``svd_rank = T·r`` (so ``svd`` is exact, like our factored result). Errors are relative Frobenius errors
+against a dense float64 reference of the same rule, computed after the timed part.
+
+    .venv/bin/python bench/bench_merge.py             # default plan (~10 min on 2 cores)
+    .venv/bin/python bench/bench_merge.py --quick     # 1024×1024 only, seconds
+    .venv/bin/python bench/bench_merge.py --write     # also replace the "## Merging" section of BENCHMARKS.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+R = 16
+MODULE = "lin"
+
+
+# ---------------------------------------------------------------- child side
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_factors(m: int, n: int, t: int):
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    return [(torch.randn(m, R, generator=g) * 0.01, torch.randn(R, n, generator=g) / n**0.5) for _ in range(t)]
+
+
+def dense_sum(factors):
+    return sum(b.double() @ a.double() for b, a in factors)
+
+
+def dense_spectral(method: str, factors):
+    """Dense float64 reference of TSV-M / Iso-C from full SVDs of the dense matrices (paper definitions)."""
+    import torch
+
+    def svd(x):
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        rho = int((s > max(x.shape) * torch.finfo(torch.float32).eps * s[0]).sum())
+        return u[:, :rho], s[:rho], vh[:rho]
+
+    def polar(x):
+        u, _, vh = torch.linalg.svd(x, full_matrices=False)
+        return u @ vh
+
+    if method == "iso_c":
+        u, s, vh = svd(dense_sum(factors))
+        return s.mean() * u @ vh
+    us, ss, vhs = zip(*[svd(b.double() @ a.double()) for b, a in factors])
+    return polar(torch.cat(us, 1)) @ torch.diag(torch.cat(ss)) @ polar(torch.cat(vhs, 0).T).T
+
+
+def rel(x, ref) -> float:
+    import torch
+
+    return float(torch.linalg.vector_norm(x.double() - ref) / torch.linalg.vector_norm(ref))
+
+
+def child_ours(case: dict) -> dict:
+    import torch
+
+    from orthomerge.adapters import LoraAdapter
+    from orthomerge.merge import merge_adapters
+    from orthomerge.merge.elementwise import ties_kernel
+    from orthomerge.merge.registry import ModuleTask
+
+    m, n, t, method = case["m"], case["n"], case["t"], case["method"]
+    params = {"density": 0.2} if method in ("ties", "dare_ties") else {}
+    if method == "dare_ties":
+        params["density"] = 0.5
+
+    def adapters_of(factors):
+        return [LoraAdapter(A={MODULE: a}, B={MODULE: b}, scaling={MODULE: 1.0}) for b, a in factors]
+
+    merge_adapters(adapters_of(make_factors(64, 64, t)), method, **params)   # warm-up: library code pages
+    factors = make_factors(m, n, t)
+    adapters = adapters_of(factors)
+    base = rss_mb()
+    start = time.perf_counter()
+    result = merge_adapters(adapters, method, **params)
+    seconds = time.perf_counter() - start
+    out = {"time_s": seconds, "peak_mb": peak_mb() - base, "rule_s": result.report["timing"]["rule_s"],
+           "recompress_s": result.report["timing"]["recompress_s"],
+           "recompress_rel_error": result.report["total"]["rel_error"], "rank": result.merged.rank(MODULE)}
+    got = result.merged.delta(MODULE)
+    if method == "task_arithmetic":
+        out["error"] = rel(got, dense_sum(factors))
+    elif method in ("tsv", "iso_c") and case.get("ref"):
+        out["error"] = rel(got, dense_spectral(method, factors))
+    elif method == "ties":
+        task = ModuleTask(MODULE, factors, [1.0] * t)
+        s = time.perf_counter()
+        fast = ties_kernel(task, density=0.2, select="partition")
+        out["rule_partition_s"] = time.perf_counter() - s
+        if case.get("sort", True):
+            s = time.perf_counter()
+            slow = ties_kernel(task, density=0.2, select="sort")
+            out["rule_sort_s"] = time.perf_counter() - s
+            out["partition_vs_sort_error"] = rel(fast, slow.double())
+    return out
+
+
+def child_peft(case: dict) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    m, n, t, kind = case["m"], case["n"], case["t"], case["method"]
+    factors = make_factors(m, n, t)
+
+    class One(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(n, m, bias=False)
+
+    model = get_peft_model(One(), LoraConfig(r=R, lora_alpha=R, target_modules=[MODULE]), adapter_name="a0")
+    for i in range(1, t):
+        model.add_adapter(f"a{i}", LoraConfig(r=R, lora_alpha=R, target_modules=[MODULE]))
+    layer = model.base_model.model.lin
+    with torch.no_grad():
+        for i, (b, a) in enumerate(factors):
+            layer.lora_A[f"a{i}"].weight.copy_(a)
+            layer.lora_B[f"a{i}"].weight.copy_(b)
+    names = [f"a{i}" for i in range(t)]
+    kwargs = {"density": 0.2} if kind == "ties_svd" else ({"density": 0.5} if kind == "dare_ties_svd" else {})
+    with torch.no_grad():   # warm-up on a tiny matrix: library code pages are not merge memory
+        torch.linalg.svd(torch.randn(64, 64), full_matrices=True)
+    base = rss_mb()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.add_weighted_adapter(names, [1.0] * t, "merged", combination_type=kind, svd_rank=t * R, **kwargs)
+    seconds = time.perf_counter() - start
+    out = {"time_s": seconds, "peak_mb": peak_mb() - base}
+    got = layer.get_delta_weight("merged").detach()
+    if kind == "svd":
+        out["error"] = rel(got, dense_sum(factors))
+    elif kind == "ties_svd":
+        from orthomerge.merge.elementwise import ties_kernel
+        from orthomerge.merge.registry import ModuleTask
+
+        ref = ties_kernel(ModuleTask(MODULE, factors, [1.0] * t), density=0.2).double()
+        out["truncation_error"] = rel(got, ref)
+    return out
+
+
+# ---------------------------------------------------------------- parent side
+
+
+def measure(impl: str, method: str, m: int, n: int, t: int, **extra) -> dict:
+    case = {"impl": impl, "method": method, "m": m, "n": n, "t": t, **extra}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    if proc.returncode != 0:
+        return {**case, "failed": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  {impl:5} {method:16} {m}x{n} T={t}: " + ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()), flush=True)
+    return {**case, **res}
+
+
+def plan(quick: bool):
+    if quick:
+        shapes, peft = [(1024, 1024)], {(1024, 1024, 3): ["svd", "ties_svd", "dare_ties_svd"],
+                                       (1024, 1024, 8): ["svd"]}
+    else:
+        shapes = [(1024, 1024), (4096, 4096), (14336, 4096)]
+        # PEFT's dense full SVD dominates and costs minutes per call on 2 cores: run it where the budget allows.
+        peft = {(1024, 1024, 3): ["svd", "ties_svd", "dare_ties_svd"], (1024, 1024, 8): ["svd"],
+                (4096, 4096, 3): ["svd", "ties_svd", "dare_ties_svd"], (4096, 4096, 8): ["svd"]}
+    return shapes, peft
+
+
+def fmt(x, spec=".3g"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def table(rows: list[dict], peft_sizes: dict) -> str:
+    by = {(r["impl"], r["method"], r["m"], r["n"], r["t"]): r for r in rows}
+    lines = [
+        "| shape | T | method | ours s | PEFT s | speed-up | ours error | PEFT error | ours peak MB | PEFT peak MB"
+        " | budget MB (2×(adapters+dense)) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    pairs = [("task_arithmetic", "svd"), ("tsv", "svd"), ("iso_c", "svd"), ("ties", "ties_svd"),
+             ("dare_ties", "dare_ties_svd")]
+    for (m, n, t) in sorted({(r["m"], r["n"], r["t"]) for r in rows}):
+        budget = 2 * (t * (m * R + R * n) * 4 + m * n * 4) / 2**20
+        for ours_name, peft_name in pairs:
+            o = by.get(("ours", ours_name, m, n, t), {})
+            p = by.get(("peft", peft_name, m, n, t), {})
+            if not o:
+                continue
+            speed = o["time_s"] and p.get("time_s") and p["time_s"] / o["time_s"]
+            err_o = o.get("error", o.get("recompress_rel_error") if ours_name in ("ties", "dare_ties") else None)
+            err_p = p.get("error", p.get("truncation_error"))
+            lines.append(f"| {m}×{n} | {t} | {ours_name} vs {peft_name} | {fmt(o.get('time_s'))} | "
+                         f"{fmt(p.get('time_s')) if p else 'not run'} | {fmt(speed, '.0f') + '×' if speed else 'n/a'}"
+                         f" | {fmt(err_o)} | {fmt(err_p)} | {fmt(o.get('peak_mb'), '.0f')} | "
+                         f"{fmt(p.get('peak_mb'), '.0f') if p else 'n/a'} | {budget:.0f} |")
+    lines += ["", "TIES trim by selection vs full sort (the rule only, no re-compression):", "",
+              "| shape | T | partition s | full sort s | speed-up | max difference (rel) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["impl"] == "ours" and r["method"] == "ties":
+            sp = r.get("rule_sort_s") and r["rule_sort_s"] / r["rule_partition_s"]
+            lines.append(f"| {r['m']}×{r['n']} | {r['t']} | {fmt(r.get('rule_partition_s'))} | "
+                         f"{fmt(r.get('rule_sort_s'))} | {fmt(sp, '.1f') + '×' if sp else 'n/a'} | "
+                         f"{fmt(r.get('partition_vs_sort_error'))} |")
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = doc.find("## Merging")
+    if start == -1:
+        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
+    else:
+        nxt = doc.find("\n## ", start + 1)
+        doc = doc[:start] + text + ("\n" + doc[nxt + 1:] if nxt != -1 else "\n")
+    path.write_text(doc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="1024×1024 only")
+    ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    args = ap.parse_args()
+    if args.child:
+        case = json.loads(args.child)
+        sys.path.insert(0, str(ROOT))
+        print(json.dumps(child_ours(case) if case["impl"] == "ours" else child_peft(case)))
+        return
+    shapes, peft = plan(args.quick)
+    rows, start = [], time.perf_counter()
+    for m, n in shapes:
+        for t in (3, 8):
+            for method in ("task_arithmetic", "tsv", "iso_c", "dare_ties"):
+                rows.append(measure("ours", method, m, n, t, ref=m * n <= 1024 * 1024))
+            rows.append(measure("ours", "ties", m, n, t, sort=not (m > 4096 and t == 8)))
+            for kind in peft.get((m, n, t), []):
+                rows.append(measure("peft", kind, m, n, t))
+    total = time.perf_counter() - start
+    failed = [r for r in rows if "failed" in r]
+    text = table([r for r in rows if "failed" not in r], peft)
+    print("\n" + text)
+    if failed:
+        print("\nfailed:", *[f"{r['impl']} {r['method']} {r['m']}x{r['n']} T={r['t']}: {r['failed']}" for r in failed],
+              sep="\n")
+    print(f"\ntotal benchmark time {total:.0f} s")
+    if args.write:
+        import torch
+
+        head = (f"## Merging\n\nGenerated by `bench/bench_merge.py` on {platform.machine()} with "
+                f"{os.cpu_count()} CPUs, torch {torch.__version__} (threads: {torch.get_num_threads()}); "
+                f"total {total:.0f} s. One module per case, r = {R}, weights 1, PEFT `add_weighted_adapter` with "
+                f"`svd_rank = T·r` and its defaults otherwise.\n\n")
+        write_section(head + text)
+
+
+if __name__ == "__main__":
+    main()

@@ -310,7 +310,8 @@ def from_peft_model(peft_model, metadata: dict | None = None) -> LoraAdapter:
     name = peft_model.active_adapter
     cfg = peft_model.peft_config[name]
     state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v.detach().clone()
-             for k, v in get_peft_model_state_dict(peft_model, adapter_name=name).items()}
+             for k, v in get_peft_model_state_dict(peft_model, adapter_name=name,
+                                                                 save_embedding_layers=False).items()}
     A, B, heads = {}, {}, {}
     for key, value in state.items():
         match = _LORA_KEY.match(key)

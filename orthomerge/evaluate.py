@@ -12,7 +12,7 @@ from torch import nn
 
 from .adapters import LoraAdapter, validate_adapter
 from .errors import OrthomergeError
-from .models import load_model, load_tokenizer
+from .models import head_module_names, load_model, load_tokenizer
 from .stats import ActivationStats
 from .tasks import Split, Task, compute_metric
 
@@ -44,8 +44,9 @@ class TaskEvaluator:
                        for t in tasks}
         self.max_length, self.batch_size = max_length, batch_size
         first = next(iter(self.models.values()))
+        heads = tuple(head_module_names(first))
         self.base = {name: module.weight.detach().clone() for name, module in first.named_modules()
-                     if isinstance(module, nn.Linear)}
+                     if isinstance(module, nn.Linear) and not name.startswith(heads)}
 
     def load(self, task: str, deltas: dict[str, torch.Tensor], heads: dict[str, torch.Tensor]) -> nn.Module:
         """The task's model with ``W₀ + ΔW`` in every module of ``deltas`` (others reset to W₀)."""
@@ -117,3 +118,30 @@ def interference_matrix(adapters: list[LoraAdapter], stats: list[ActivationStats
         return {m: np.sqrt(e / np.diag(e)[:, None]) for m, e in zip(modules, energy)}
     total = energy.sum(0)
     return np.sqrt(total / np.diag(total)[:, None])
+
+
+def input_energy_ratio(A: dict[str, torch.Tensor], other: ActivationStats, own: ActivationStats) -> float:
+    """``sqrt(Σ_m tr(A S_other Aᵀ) / Σ_m tr(A S_own Aᵀ))``: how much of another task's per-token input
+    energy passes through ``A`` relative to its own task's — the quantity OSRM minimises at init
+    (well defined before training, when B = 0 and every ΔW ratio is 0/0)."""
+    num = den = 0.0
+    for m, a in A.items():
+        a = a.double()
+        num += float(torch.einsum("rn,nm,rm->", a, other.second_moment(m), a))
+        den += float(torch.einsum("rn,nm,rm->", a, own.second_moment(m), a))
+    return (num / den) ** 0.5 if den > 0 else float("nan")
+
+
+def subspace_drift(adapter: LoraAdapter) -> dict | None:
+    """How far A moved from its initial row space: mean principal-angle cosine (1 = stayed) and the
+    relative change ‖A − A₀‖/‖A₀‖, averaged over modules."""
+    if not adapter.initial_A:
+        return None
+    cosines, changes = [], []
+    for m, a0 in adapter.initial_A.items():
+        a0, a = a0.double(), adapter.A[m].double()
+        q0, _ = torch.linalg.qr(a0.T)
+        q1, _ = torch.linalg.qr(a.T)
+        cosines.append(float(torch.linalg.svdvals(q0.T @ q1).mean()))
+        changes.append(float((a - a0).norm() / a0.norm()))
+    return {"mean_cosine": float(np.mean(cosines)), "relative_change": float(np.mean(changes))}

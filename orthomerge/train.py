@@ -6,7 +6,8 @@ only in how ``A`` starts (and, optionally, how it may move): that is what makes 
 Inits: ``lora`` (PEFT default, Kaiming-uniform A), ``osrm`` (paper), ``orthogonal`` (a random orthonormal
 A, unit rows, data-free), ``lora-unit`` (the PEFT default A rescaled to unit rows). Options that keep A
 near its subspace: ``freeze="A"``; ``subspace_k`` (A may only rotate within the k lowest-interference
-directions: projected after every step); ``interference_weight`` μ (adds μ·tr(A S_¬t Aᵀ)/tr(A Aᵀ)).
+directions: projected after every step); ``interference_weight`` μ (adds μ·tr(A S_¬t Aᵀ)/tr(A Aᵀ), with
+S_¬t divided by its mean eigenvalue so μ does not depend on the activations' scale).
 """
 from __future__ import annotations
 
@@ -138,8 +139,8 @@ class _Constraints:
                 _, rows = smallest_eigenvectors(moment, config.subspace_k)
                 u = torch.from_numpy(rows.T).float()
                 self.projectors[m] = u @ u.T
-            if config.interference_weight:
-                self.moments[m] = torch.from_numpy(moment).float()
+            if config.interference_weight:  # S / (tr S / n): μ is dimensionless, the penalty's mean is 1
+                self.moments[m] = torch.from_numpy(moment * len(moment) / np.trace(moment)).float()
         self.mu = config.interference_weight
 
     def project(self) -> None:

@@ -115,3 +115,30 @@ def test_bad_statistics_files(tiny_bert, tmp_path):
     save_stats(stats, tmp_path / "nan.safetensors")
     with pytest.raises(OrthomergeError, match="NaN"):
         load_stats(tmp_path / "nan.safetensors")
+
+
+def test_stats_cli_bad_data_files(tiny_bert, tmp_path, capsys):
+    from orthomerge.cli import main as cli
+
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    nocol = tmp_path / "nocol.csv"
+    nocol.write_text("sentence\nhello there\n")
+    out = tmp_path / "s.safetensors"
+    for data, message in [(tmp_path / "missing.csv", "missing.csv"), (empty, "empty.csv"), (nocol, "text")]:
+        assert cli(["stats", "--model", tiny_bert, "--data", str(data), "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+        assert not out.exists() and not list(tmp_path.glob(".s.safetensors*"))
+
+
+def test_stats_cli_pair_column_and_max_samples(tiny_bert, tmp_path):
+    from orthomerge.cli import main as cli
+
+    data = tmp_path / "pairs.tsv"
+    data.write_text("premise\thypothesis\n" + "".join(f"{a}\t{b}\n" for a, b in zip(TEXTS, TEXTS[1:])))
+    out = tmp_path / "p.safetensors"
+    assert cli(["stats", "--model", tiny_bert, "--data", str(data), "--text-column", "premise",
+                "--text-pair-column", "hypothesis", "--max-samples", "5", "--out", str(out), "--quiet"]) == 0
+    stats = load_stats(out)
+    assert stats.sample_count == 5 and stats.meta["max_length"] == 128 and stats.meta["targets"] == ["query", "value"]

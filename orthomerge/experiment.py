@@ -1,0 +1,234 @@
+"""The end-to-end experiment: statistics → init → train → merge → evaluate → report.
+
+For every seed and init arm, train one LoRA per task (cached and reused on a re-run), evaluate each
+on its own task, merge all of them with every method over a λ grid, choose λ on the validation split
+(never on test), report test metrics and normalised scores (merged ÷ the task's own adapter), and the
+interference and drift diagnostics. :mod:`orthomerge.report` turns ``results.json`` into
+``report.md`` and plots.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import LoraAdapter, load_adapter, save_adapter
+from .errors import OrthomergeError, atomic_file
+from .evaluate import TaskEvaluator, adapter_deltas, input_energy_ratio, interference_matrix, subspace_drift
+from .merge import get_method, merge_adapters
+from .models import load_model, load_tokenizer
+from .stats import ActivationStats, collect_stats, load_stats, save_stats
+from .tasks import Task, load_tasks
+from .train import TrainConfig, train_adapter
+
+DEFAULT_METHODS = ["task_arithmetic", "ties", "dare_ties", "tsv", "iso_c", "iso_cts", "regmean", "emr",
+                   "core_ties", "knots_ties"]
+DEFAULT_LAMBDAS = [0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything that defines a run; stored in ``results.json`` so a report says how it was made."""
+
+    tasks: str | list[str] | None = None      # None: the bundled default suite; or names / a tasks.yaml
+    model: str = "minilm"
+    inits: list[str] = field(default_factory=lambda: ["lora", "osrm"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    lambdas: list[float] = field(default_factory=lambda: list(DEFAULT_LAMBDAS))
+    train_size: int = 1000
+    val_size: int = 200
+    test_size: int = 500
+    stats_samples: int = 100                  # k samples per task for OSRM/RegMean (paper code: 100)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-3))
+    arms: dict[str, dict] = field(default_factory=dict)  # extra arms: name → TrainConfig overrides
+
+    @classmethod
+    def quick(cls, **overrides) -> "ExperimentConfig":
+        """A smoke run: 3 tasks, small splits, one epoch, a few methods — all outputs in minutes."""
+        base = cls(tasks=["sentiment", "trec", "sms_spam"], train_size=200, val_size=60, test_size=80,
+                   stats_samples=40, methods=["task_arithmetic", "ties", "tsv", "regmean", "emr"],
+                   lambdas=[0.5, 1.0], train=TrainConfig(lr=1e-2, epochs=2))
+        return replace(base, **overrides)
+
+    def arm_configs(self) -> dict[str, TrainConfig]:
+        """Arm name → training config: one per init, plus the named extra arms."""
+        arms = {init: replace(self.train, init=init) for init in self.inits}
+        for name, overrides in self.arms.items():
+            arms[name] = replace(self.train, **overrides)
+        return arms
+
+
+def study_arms(rank: int) -> dict[str, dict]:
+    """The beyond-the-paper arms of the OSRM study (each an OSRM init with one training option)."""
+    return {
+        "osrm-freezeA": {"init": "osrm", "freeze": "A"},
+        "osrm-subspace": {"init": "osrm", "subspace_k": 4 * rank},
+        "osrm-reg": {"init": "osrm", "interference_weight": 1.0},
+        "osrm-beta": {"init": "osrm", "beta": 0.1},
+    }
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class Experiment:
+    """Runs :class:`ExperimentConfig` into ``out``; every stage caches what it can reuse."""
+
+    def __init__(self, config: ExperimentConfig, out: str | Path, progress: bool = True):
+        self.config, self.out, self.progress = config, Path(out), progress
+        self.tasks: list[Task] = []
+        self.stats: dict[str, ActivationStats] = {}
+        self.heldout: dict[str, ActivationStats] = {}
+        self.log = lambda msg: tqdm.write(msg) if progress else None
+
+    # ------------------------------------------------------------ stages
+
+    def load_tasks(self) -> None:
+        c = self.config
+        self.tasks = load_tasks(c.tasks, train_size=c.train_size, val_size=c.val_size, test_size=c.test_size)
+        if len(self.tasks) < 2:
+            raise OrthomergeError("merging needs at least two tasks")
+
+    def collect_statistics(self) -> None:
+        """Per task, from the pre-trained model: k training samples (init, RegMean) and k validation
+        samples (held-out inputs for the interference diagnostics)."""
+        c = self.config
+        model, tok = None, None
+        for task in tqdm(self.tasks, desc="statistics", disable=not self.progress):
+            for kind, split, table in (("train", task.train, self.stats), ("heldout", task.validation, self.heldout)):
+                path = self.out / "stats" / f"{task.name}.{kind}.safetensors"
+                data = split.take(c.stats_samples)
+                tag = _digest([c.model, c.train.targets, c.train.max_length, data.texts, data.pairs])
+                if path.exists():
+                    cached = load_stats(path)
+                    if cached.meta.get("data") == tag:
+                        table[task.name] = cached
+                        continue
+                if model is None:
+                    model, tok = load_model(c.model), load_tokenizer(c.model)
+                stats = collect_stats(model, tok, data.texts, c.train.targets, pairs=data.pairs,
+                                      max_length=c.train.max_length, progress=False, model_name=c.model)
+                stats.meta["data"] = tag
+                save_stats(stats, path)
+                table[task.name] = stats
+
+    def adapter(self, arm: str, config: TrainConfig, task: Task) -> LoraAdapter:
+        """Train (or reuse from the cache) one task's adapter for one arm and seed."""
+        c = self.config
+        others = [self.stats[t.name] for t in self.tasks if t.name != task.name]
+        key = _digest([c.model, asdict(config), task.name, len(task.train), task.seed, task.train.texts[:5],
+                       [s.meta.get("data") for s in others] if config.needs_stats else None])
+        path = self.out / "adapters" / f"seed{config.seed}" / arm / task.name
+        if (path / "orthomerge.json").exists():
+            cached = load_adapter(path)
+            if cached.metadata.get("cache_key") == key:
+                return cached
+        adapter = train_adapter(c.model, task, config, others=others, own=self.stats[task.name],
+                                progress=self.progress)
+        adapter.metadata.update(cache_key=key, arm=arm)
+        save_adapter(adapter, path)
+        return adapter
+
+    def run(self) -> dict:
+        started = time.time()
+        c = self.config
+        for method in c.methods:
+            get_method(method)  # unknown names fail before any training
+        self.load_tasks()
+        self.collect_statistics()
+        evaluator = TaskEvaluator(c.model, self.tasks, c.train.max_length)
+        names = [t.name for t in self.tasks]
+        runs = []
+        for seed in c.seeds:
+            for arm, arm_config in c.arm_configs().items():
+                config = replace(arm_config, seed=seed)
+                adapters = [self.adapter(arm, config, t) for t in self.tasks]
+                runs.append(self.evaluate_arm(evaluator, arm, config, adapters))
+                self.log(f"seed {seed} {arm}: " + ", ".join(
+                    f"{r['method']} {r['test_normalised_mean']:.3f}" for r in runs[-1]["merges"]))
+        results = {
+            "config": asdict(c),
+            "tasks": [{"name": t.name, "metric": t.metric, "labels": t.label_names, "source": t.source,
+                       "sizes": [len(t.train), len(t.validation), len(t.test)]} for t in self.tasks],
+            "task_names": names,
+            "runs": runs,
+            "seconds": round(time.time() - started, 1),
+        }
+        with atomic_file(self.out / "results.json") as tmp:
+            tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
+        return results
+
+    # ------------------------------------------------------------ evaluation of one arm
+
+    def evaluate_arm(self, evaluator: TaskEvaluator, arm: str, config: TrainConfig,
+                     adapters: list[LoraAdapter]) -> dict:
+        names = [t.name for t in self.tasks]
+        heads = {n: a.heads for n, a in zip(names, adapters)}
+        single = {split: {n: evaluator.score(n, adapter_deltas(a), a.heads, split) for n, a in zip(names, adapters)}
+                  for split in ("validation", "test")}
+        merges = [self._heads_only(evaluator, heads, single)]
+        bar = tqdm(self.config.methods, desc=f"merge seed{config.seed} {arm}", disable=not self.progress)
+        for method in bar:
+            merges.append(self._merge(evaluator, method, adapters, heads, single))
+        held = [self.heldout[n] for n in names]
+        interference = interference_matrix(adapters, held)
+        init_ratio = [[input_energy_ratio(aj.initial_A, held[i], held[j]) if aj.initial_A else None
+                       for j, aj in enumerate(adapters)] for i in range(len(adapters))]
+        trained_ratio = [[input_energy_ratio(aj.A, held[i], held[j]) for j, aj in enumerate(adapters)]
+                         for i in range(len(adapters))]
+        return {
+            "arm": arm, "init": config.init, "seed": config.seed, "train_config": asdict(config),
+            "single": single,
+            "train_history": {n: a.metadata.get("history") for n, a in zip(names, adapters)},
+            "train_seconds": {n: a.metadata.get("train_seconds") for n, a in zip(names, adapters)},
+            "merges": merges,
+            "interference": interference.tolist(),
+            "input_energy_init": init_ratio,
+            "input_energy_trained": trained_ratio,
+            "drift": {n: subspace_drift(a) for n, a in zip(names, adapters)},
+        }
+
+    def _scores(self, evaluator, deltas_for, heads, single, split) -> tuple[dict, dict, float]:
+        raw = {n: evaluator.score(n, deltas_for(n), heads[n], split) for n in heads}
+        norm = {n: raw[n] / single[split][n] if single[split][n] else float("nan") for n in raw}
+        return raw, norm, float(np.nanmean(list(norm.values())))  # a task whose own adapter scored 0 is skipped
+
+    def _heads_only(self, evaluator, heads, single) -> dict:
+        """Baseline: the base model with each task's trained head and no LoRA update (ΔW = 0)."""
+        raw, norm, mean = self._scores(evaluator, lambda n: {}, heads, single, "test")
+        return {"method": "heads_only", "lambda": 0.0, "val_curve": {}, "test": raw, "test_normalised": norm,
+                "test_normalised_mean": mean, "test_mean": float(np.mean(list(raw.values()))), "seconds": 0.0}
+
+    def _merge(self, evaluator, method, adapters, heads, single) -> dict:
+        """Merge once at λ = 1; every method here is linear in its ``scale``, so λ·ΔW is the λ-merge."""
+        names = [t.name for t in self.tasks]
+        spec = get_method(method)
+        params = {"scale": 1.0} if "scale" in spec.defaults else {}
+        stats = [self.stats[n] for n in names] if spec.needs_stats else None
+        t0 = time.time()
+        result = merge_adapters(adapters, method=method, stats=stats, **params)
+        seconds = time.time() - t0
+        per_task = spec.per_task
+        deltas = {n: {m: result.delta(m, n if per_task else None) for m in adapters[0].modules}
+                  for n in (names if per_task else names[:1])}
+        lambdas = self.config.lambdas if "scale" in spec.defaults else [1.0]
+
+        def scaled(lam):
+            return lambda n: {m: d * lam for m, d in deltas[n if per_task else names[0]].items()}
+
+        curve = {}
+        for lam in lambdas:
+            _, _, curve[lam] = self._scores(evaluator, scaled(lam), heads, single, "validation")
+        best = max(curve, key=lambda lam: (curve[lam], -abs(lam - 1.0)))
+        raw, norm, mean = self._scores(evaluator, scaled(best), heads, single, "test")
+        return {"method": method, "lambda": best, "val_curve": curve, "test": raw, "test_normalised": norm,
+                "test_normalised_mean": mean, "test_mean": float(np.mean(list(raw.values()))),
+                "seconds": round(seconds, 3)}

@@ -1,0 +1,106 @@
+"""The end-to-end experiment on a tiny model and tiny user tasks: outputs, caching, evaluation oracles."""
+from __future__ import annotations
+
+import json
+import pytest
+import torch
+
+from conftest import WORDS
+from orthomerge.adapters import load_adapter, merged_state_dict
+from orthomerge.cli import main as cli
+from orthomerge.evaluate import TaskEvaluator, adapter_deltas, predict
+from orthomerge.models import load_model, load_tokenizer
+from orthomerge.tasks import compute_metric, load_tasks
+from orthomerge.train import TrainConfig
+
+TOPICS = {
+    "mood": (["great fun movie", "love the music", "good show"], ["awful boring plot", "bad actor", "hate it"]),
+    "spam": (["win a free prize", "call now for money", "reply stop text"], ["the team game", "who is the star",
+                                                                           "a city year"]),
+    "kind": (["what city", "who is the actor", "how many year"], ["the film", "the phone", "music show"]),
+}
+
+
+@pytest.fixture(scope="module")
+def tasks_yaml(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    specs = []
+    for name, (pos, neg) in TOPICS.items():
+        rows = [(f"{t} {w}", lab) for lab, texts in ((1, pos), (0, neg)) for t in texts for w in WORDS[:10]]
+        for split, part in (("train", rows[0::2]), ("validation", rows[1::4]), ("test", rows[3::4])):
+            (root / f"{name}.{split}.csv").write_text(
+                "text,label\n" + "".join(f"{t},{lab}\n" for t, lab in part))
+        specs.append(f"- name: {name}\n  train: {name}.train.csv\n  validation: {name}.validation.csv\n"
+                     f"  test: {name}.test.csv\n  labels: ['0', '1']\n  metric: accuracy\n")
+    path = root / "tasks.yaml"
+    path.write_text("".join(specs))
+    return str(path)
+
+
+def test_experiment_writes_every_output_and_reuses_cache(tiny_bert, tasks_yaml, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = ["experiment", "--model", tiny_bert, "--tasks", tasks_yaml, "--out", str(out), "--quiet",
+            "--lambdas", "0.5,1", "--epochs", "2", "--lr", "0.02", "--rank", "4", "--train-size", "60"]
+    assert cli(args + ["--methods", "task_arithmetic,ties,regmean,emr"]) == 0
+    for name in ("results.json", "report.md", "lambda_curves.png", "per_task.png", "interference.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert {r["arm"] for r in results["runs"]} == {"lora", "osrm"}
+    methods = [m["method"] for m in results["runs"][0]["merges"]]
+    assert methods == ["heads_only", "task_arithmetic", "ties", "regmean", "emr"]
+    report = (out / "report.md").read_text()
+    assert "osrm − lora" in report and "task_arithmetic" in report
+    for run in results["runs"]:
+        for merge in run["merges"]:
+            if merge["val_curve"]:
+                best = max(merge["val_curve"].values())
+                assert merge["val_curve"][str(merge["lambda"])] == best  # λ chosen on validation
+
+    import orthomerge.experiment as experiment
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("cached adapters must be reused")
+
+    monkeypatch.setattr(experiment, "train_adapter", no_training)
+    assert cli(args + ["--methods", "task_arithmetic"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert [r["single"] for r in again["runs"]] == [r["single"] for r in results["runs"]]
+
+
+def test_evaluator_equals_dense_model_and_plain_peft(tiny_bert, tasks_yaml, tmp_path):
+    from peft import PeftModel
+
+    from orthomerge.merge import merge_adapters
+    from orthomerge.train import train_adapter
+
+    tasks = load_tasks([tasks_yaml], train_size=40, val_size=None, test_size=None)
+    adapters = [train_adapter(tiny_bert, t, TrainConfig(rank=4, epochs=1, batch_size=8), progress=False)
+                for t in tasks]
+    for a, t in zip(adapters, tasks):
+        a.path = tmp_path / t.name
+    merged = merge_adapters(adapters, method="task_arithmetic", scale=0.7)
+    merged.save(tmp_path / "merged")
+    evaluator = TaskEvaluator(tiny_bert, tasks, max_length=64)
+    tok = load_tokenizer(tiny_bert)
+    for task in tasks:
+        on_disk = load_adapter(tmp_path / "merged" / "tasks" / task.name)
+        ours = evaluator.score(task.name, adapter_deltas(on_disk), on_disk.heads, "test")
+        dense = load_model(tiny_bert, num_labels=2)
+        dense.load_state_dict(merged_state_dict(load_model(tiny_bert, num_labels=2), on_disk))
+        assert ours == compute_metric(task.metric, predict(dense, tok, task.test), task.test.labels)
+        peft = PeftModel.from_pretrained(load_model(tiny_bert, num_labels=2), tmp_path / "merged" / "tasks" / task.name)
+        batch = tok(task.test.texts, padding=True, return_tensors="pt")
+        model = evaluator.load(task.name, adapter_deltas(on_disk), on_disk.heads)
+        with torch.no_grad():
+            torch.testing.assert_close(model(**batch).logits, peft.eval()(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_head_of_the_wrong_size_is_a_clear_error(tiny_bert, tasks_yaml, tmp_path, capsys):
+    from orthomerge.adapters import from_peft_model, new_peft_model, save_adapter
+
+    three = from_peft_model(new_peft_model(load_model(tiny_bert, num_labels=3), ["query"], rank=2))
+    save_adapter(three, tmp_path / "three")
+    assert cli(["eval", "--model", tiny_bert, "--tasks", tasks_yaml, "--adapter", str(tmp_path / "three"),
+                "--task", "mood", "--train-size", "10", "--quiet", "--out", str(tmp_path / "m.json")]) == 2
+    assert "head" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()

@@ -41,6 +41,9 @@ def register(subparsers) -> None:
     out.add_argument("--dense", action="store_true", help="write full merged model folders instead of a LoRA")
     out.add_argument("--svd", choices=["auto", "exact", "randomized"], default="auto",
                      help="SVD for re-compressing dense results (auto: exact up to 2048², randomized above)")
+    out.add_argument("--threads", type=int, default=None,
+                     help="torch threads while merging (default $ORTHOMERGE_THREADS or 1: many small "
+                          "decompositions run faster single-threaded; 0 = torch's default)")
     add_common(p)
     p.set_defaults(func=run, model=None)
 
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> None:
     if args.config:
         if args.method or args.adapters:
             raise OrthomergeError("--config: give method and adapters in the recipe, not on the command line")
-        result = run_recipe(args.config, out=args.out, progress=not args.quiet)
+        result = run_recipe(args.config, out=args.out, progress=not args.quiet, threads=args.threads)
     else:
         if not args.method or not args.adapters or not args.out:
             raise OrthomergeError("merge needs --method, --adapters and --out (or --config recipe.yaml)")
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> None:
             params["density"] = args.density
         result = merge_adapters(args.adapters, method=args.method, weights=args.weights, space=args.space,
                                 rank=args.rank, dense=args.dense, model=args.model, stats=args.stats,
-                                seed=args.seed, svd=args.svd, progress=not args.quiet, **params)
+                                seed=args.seed, svd=args.svd, progress=not args.quiet, threads=args.threads,
+                                **params)
         result.save(args.out)
     total = result.report["total"]
     print(f"{result.method}: wrote {result.path} (total re-compression error {total['rel_error']:.3g}, "

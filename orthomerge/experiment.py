@@ -21,15 +21,16 @@ from tqdm.auto import tqdm
 from .adapters import LoraAdapter, load_adapter, save_adapter
 from .errors import OrthomergeError, atomic_file
 from .evaluate import TaskEvaluator, adapter_deltas, input_energy_ratio, interference_matrix, subspace_drift
-from .merge import get_method, merge_adapters
+from .merge import METHODS, get_method, merge_adapters
 from .models import load_model, load_tokenizer
 from .stats import ActivationStats, collect_stats, load_stats, save_stats
 from .tasks import Task, load_tasks
 from .train import TrainConfig, train_adapter
 
-DEFAULT_METHODS = ["task_arithmetic", "ties", "dare_ties", "tsv", "iso_c", "iso_cts", "regmean", "emr",
-                   "core_ties", "knots_ties"]
-DEFAULT_LAMBDAS = [0.2, 0.4, 0.6, 0.8, 1.0]
+# One or two per family, sized to the 20-minute budget on 2 cores; ``methods=["all"]`` runs every
+# registered method (see ``orthomerge merge --list-methods``).
+DEFAULT_METHODS = ["task_arithmetic", "ties", "dare_ties", "tsv", "iso_c", "iso_cts", "regmean", "emr", "core_ties"]
+DEFAULT_LAMBDAS = [0.25, 0.5, 0.75, 1.0]
 
 
 @dataclass
@@ -42,9 +43,9 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     lambdas: list[float] = field(default_factory=lambda: list(DEFAULT_LAMBDAS))
-    train_size: int = 1000
-    val_size: int = 200
-    test_size: int = 500
+    train_size: int = 800
+    val_size: int = 150
+    test_size: int = 400
     stats_samples: int = 100                  # k samples per task for OSRM/RegMean (paper code: 100)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-3))
     arms: dict[str, dict] = field(default_factory=dict)  # extra arms: name → TrainConfig overrides
@@ -140,6 +141,8 @@ class Experiment:
     def run(self) -> dict:
         started = time.time()
         c = self.config
+        if c.methods == ["all"]:
+            c = self.config = replace(c, methods=list(METHODS))
         for method in c.methods:
             get_method(method)  # unknown names fail before any training
         self.load_tasks()
@@ -214,7 +217,9 @@ class Experiment:
         params = {"scale": 1.0} if "scale" in spec.defaults else {}
         stats = [self.stats[n] for n in names] if spec.needs_stats else None
         t0 = time.time()
-        result = merge_adapters(adapters, method=method, stats=stats, **params)
+        # dense=True: evaluate the method's own ΔW (no re-compression), validated against the loaded base
+        result = merge_adapters(adapters, method=method, stats=stats, dense=True,
+                                model=evaluator.models[names[0]], **params)
         seconds = time.time() - t0
         per_task = spec.per_task
         deltas = {n: {m: result.delta(m, n if per_task else None) for m in adapters[0].modules}

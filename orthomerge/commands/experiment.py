@@ -25,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/default", help="output folder (adapters are cached there)")
     p.add_argument("--inits", type=_list, default=None, help="arms, e.g. lora,osrm,orthogonal,lora-unit")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
-    p.add_argument("--methods", type=_list, default=None, help="merge methods (see merge --list-methods)")
+    p.add_argument("--methods", type=_list, default=None, help="merge methods (see merge --list-methods), or all")
     p.add_argument("--lambdas", type=_floats, default=None, help="λ grid, chosen on validation")
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)

@@ -120,16 +120,22 @@ def interference_matrix(adapters: list[LoraAdapter], stats: list[ActivationStats
     return np.sqrt(total / np.diag(total)[:, None])
 
 
-def input_energy_ratio(A: dict[str, torch.Tensor], other: ActivationStats, own: ActivationStats) -> float:
-    """``sqrt(Σ_m tr(A S_other Aᵀ) / Σ_m tr(A S_own Aᵀ))``: how much of another task's per-token input
-    energy passes through ``A`` relative to its own task's — the quantity OSRM minimises at init
-    (well defined before training, when B = 0 and every ΔW ratio is 0/0)."""
+def off_diagonal_mean(matrix) -> float:
+    """Mean of the off-diagonal entries (the cross-task part of an interference matrix)."""
+    matrix = np.asarray(matrix, dtype=float)
+    return float(matrix[~np.eye(len(matrix), dtype=bool)].mean())
+
+
+def input_energy(A: dict[str, torch.Tensor], stats: ActivationStats) -> float:
+    """``Σ_m tr(A S Aᵀ) / Σ_m tr(A Aᵀ)·tr(S)/n``: per-token input energy passing through ``A``, relative to
+    a random A of the same norm (expected 1). OSRM makes it small for the *other* tasks' S at init; the
+    diagonal (a task's own S) says how much of its own signal the subspace keeps. Scale-free in A."""
     num = den = 0.0
     for m, a in A.items():
-        a = a.double()
-        num += float(torch.einsum("rn,nm,rm->", a, other.second_moment(m), a))
-        den += float(torch.einsum("rn,nm,rm->", a, own.second_moment(m), a))
-    return (num / den) ** 0.5 if den > 0 else float("nan")
+        a, moment = a.double(), stats.second_moment(m)
+        num += float(torch.einsum("rn,nm,rm->", a, moment, a))
+        den += float((a * a).sum() * torch.trace(moment) / moment.shape[0])
+    return num / den
 
 
 def subspace_drift(adapter: LoraAdapter) -> dict | None:

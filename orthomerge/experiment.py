@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter, load_adapter, save_adapter
 from .errors import OrthomergeError, atomic_file
-from .evaluate import TaskEvaluator, adapter_deltas, input_energy_ratio, interference_matrix, subspace_drift
+from .evaluate import (TaskEvaluator, adapter_deltas, input_energy, interference_matrix, off_diagonal_mean,
+                       subspace_drift)
 from .merge import METHODS, get_method, merge_adapters
 from .models import load_model, load_tokenizer
 from .stats import ActivationStats, collect_stats, load_stats, save_stats
@@ -44,8 +45,8 @@ class ExperimentConfig:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     lambdas: list[float] = field(default_factory=lambda: list(DEFAULT_LAMBDAS))
     train_size: int = 800
-    val_size: int = 150
-    test_size: int = 400
+    val_size: int = 100
+    test_size: int = 300
     stats_samples: int = 100                  # k samples per task for OSRM/RegMean (paper code: 100)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-3))
     arms: dict[str, dict] = field(default_factory=dict)  # extra arms: name → TrainConfig overrides
@@ -56,6 +57,15 @@ class ExperimentConfig:
         base = cls(tasks=["sentiment", "trec", "sms_spam"], train_size=200, val_size=60, test_size=80,
                    stats_samples=40, methods=["task_arithmetic", "ties", "tsv", "regmean", "emr"],
                    lambdas=[0.5, 1.0], train=TrainConfig(lr=1e-2, epochs=2))
+        return replace(base, **overrides)
+
+    @classmethod
+    def study(cls, **overrides) -> "ExperimentConfig":
+        """The OSRM comparison: four inits (two scale-matched controls) and four beyond-the-paper training
+        options, 3 seeds; four short-text tasks and smaller splits so 96 fine-tunes fit in about 40 minutes."""
+        base = cls(tasks=["sentiment", "trec", "sms_spam", "tweet_sentiment"], train_size=300, val_size=100,
+                   test_size=300, inits=["lora", "osrm", "orthogonal", "lora-unit"], seeds=[0, 1, 2],
+                   methods=["task_arithmetic", "ties", "regmean"], arms=study_arms(TrainConfig().rank))
         return replace(base, **overrides)
 
     def arm_configs(self) -> dict[str, TrainConfig]:
@@ -183,10 +193,11 @@ class Experiment:
             merges.append(self._merge(evaluator, method, adapters, heads, single))
         held = [self.heldout[n] for n in names]
         interference = interference_matrix(adapters, held)
-        init_ratio = [[input_energy_ratio(aj.initial_A, held[i], held[j]) if aj.initial_A else None
-                       for j, aj in enumerate(adapters)] for i in range(len(adapters))]
-        trained_ratio = [[input_energy_ratio(aj.A, held[i], held[j]) for j, aj in enumerate(adapters)]
-                         for i in range(len(adapters))]
+        per_module = interference_matrix(adapters, held, per_module=True)
+        ta = next((m for m in merges if m["method"] == "task_arithmetic"), None)
+        energy_init = [[input_energy(aj.initial_A, held[i]) if aj.initial_A else None for aj in adapters]
+                       for i in range(len(adapters))]
+        energy_trained = [[input_energy(aj.A, held[i]) for aj in adapters] for i in range(len(adapters))]
         return {
             "arm": arm, "init": config.init, "seed": config.seed, "train_config": asdict(config),
             "single": single,
@@ -194,10 +205,28 @@ class Experiment:
             "train_seconds": {n: a.metadata.get("train_seconds") for n, a in zip(names, adapters)},
             "merges": merges,
             "interference": interference.tolist(),
-            "input_energy_init": init_ratio,
-            "input_energy_trained": trained_ratio,
+            "interference_per_module": {m: off_diagonal_mean(v) for m, v in per_module.items()},
+            "interference_merged": (self._merged_interference(evaluator, adapters, ta["lambda"]).tolist()
+                                    if ta else None),
+            "input_energy_init": energy_init,
+            "input_energy_trained": energy_trained,
             "drift": {n: subspace_drift(a) for n, a in zip(names, adapters)},
         }
+
+    def _merged_interference(self, evaluator: TaskEvaluator, adapters: list[LoraAdapter], lam: float) -> np.ndarray:
+        """Interference ratios on the activations of the task-arithmetic merge at its chosen λ: the
+        inputs each adapter really sees once merged (deeper layers' inputs shift after merging)."""
+        c = self.config
+        names = [t.name for t in self.tasks]
+        model = evaluator.models[names[0]]
+        result = merge_adapters(adapters, method="task_arithmetic", dense=True, model=model, scale=lam)
+        merged = evaluator.load(names[0], {m: result.delta(m) for m in adapters[0].modules}, adapters[0].heads)
+        stats = []
+        for task in self.tasks:
+            data = task.validation.take(c.stats_samples)
+            stats.append(collect_stats(merged, evaluator.tokenizer, data.texts, c.train.targets, pairs=data.pairs,
+                                       max_length=c.train.max_length, progress=False))
+        return interference_matrix(adapters, stats)
 
     def _scores(self, evaluator, deltas_for, heads, single, split) -> tuple[dict, dict, float]:
         raw = {n: evaluator.score(n, deltas_for(n), heads[n], split) for n in heads}

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import OrthomergeError, atomic_file
+from .evaluate import off_diagonal_mean
 
 CONTRASTS = [("osrm", "lora"), ("osrm", "orthogonal"), ("orthogonal", "lora"), ("lora-unit", "lora")]
 
@@ -114,25 +115,90 @@ def render_markdown(results: dict, command: str = "") -> str:
                   "| method | contrast | difference |", "|---|---|---|"]
         lines += [f"| {m} | {a} − {b} | {_fmt_diff(d)} |" for m, a, b, d in diffs]
         lines += ["", *verdicts(diffs, s, arms, names)]
-    lines += ["", "## Interference diagnostics (held-out validation inputs, base-model activations)", "",
-              "`ΔW ratio`: mean off-diagonal ‖ΔW_j X_iᵀ‖ / ‖ΔW_i X_iᵀ‖ of the trained adapters. "
-              "`A-side at init / trained`: mean off-diagonal sqrt(tr(A_j S_i A_jᵀ) / tr(A_j S_j A_jᵀ)), what OSRM "
-              "minimises (B = 0 at init, so only the A side is defined there). `drift`: mean principal-angle "
-              "cosine between A at init and after training (1 = A stayed in its subspace).", "",
-              "| arm | ΔW ratio | A-side at init | A-side trained | drift cosine | relative change of A |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Interference diagnostics (held-out validation inputs)", "",
+              "`ΔW ratio`: mean off-diagonal ‖ΔW_j X_iᵀ‖ / ‖ΔW_i X_iᵀ‖ of the trained adapters, with X_i from the "
+              "base model's activations and (`on merged`) from the task-arithmetic merge's own activations at its "
+              "chosen λ. `A energy`: tr(A_j S_i A_jᵀ) / (tr(A_j A_jᵀ)·tr(S_i)/n), the input energy through A_j "
+              "relative to a random A of the same norm (1 = no selectivity), for other tasks' inputs (i ≠ j, what "
+              "OSRM minimises) and the task's own (i = j), at init (B = 0, so only the A side is defined there) and "
+              "after training. `drift`: mean "
+              "principal-angle cosine between A at init and after training (1 = A stayed in its subspace).", "",
+              "| arm | ΔW ratio | ΔW ratio on merged | A energy other / own, init | A energy other / own, trained "
+              "| drift cosine | relative change of A |", "|---|---|---|---|---|---|---|"]
     for arm in arms:
         runs = [r for r in results["runs"] if r["arm"] == arm]
-        off = lambda m: np.asarray(m, dtype=float)[~np.eye(len(m), dtype=bool)].mean()  # noqa: E731
         drift = [d for r in runs for d in r["drift"].values() if d]
+        merged = [off_diagonal_mean(r["interference_merged"]) for r in runs if r.get("interference_merged")]
         lines.append(
-            f"| {arm} | {mean_std([off(r['interference']) for r in runs])} | "
-            f"{mean_std([off(r['input_energy_init']) for r in runs if r['input_energy_init'][0][0] is not None])} | "
-            f"{mean_std([off(r['input_energy_trained']) for r in runs])} | "
+            f"| {arm} | {mean_std([off_diagonal_mean(r['interference']) for r in runs])} | {mean_std(merged)} | "
+            f"{_other_own(runs, 'input_energy_init')} | {_other_own(runs, 'input_energy_trained')} | "
             f"{mean_std([d['mean_cosine'] for d in drift])} | {mean_std([d['relative_change'] for d in drift])} |")
+    per_module = [r.get("interference_per_module") for r in results["runs"]]
+    if all(per_module):
+        modules = list(per_module[0])
+        lines += ["", "Per layer (mean off-diagonal ΔW ratio, base-model activations):", "",
+                  "| module | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+        for m in modules:
+            cells = [mean_std([r["interference_per_module"][m] for r in results["runs"] if r["arm"] == arm])
+                     for arm in arms]
+            lines.append(f"| {_short(m)} | " + " | ".join(cells) + " |")
+    lines += study_section(s, arms, names)
     lines += ["", "Plots: `lambda_curves.png` (validation normalised score vs λ), `per_task.png`, "
               "`interference.png`.", ""]
     return "\n".join(lines)
+
+
+def _other_own(runs: list[dict], key: str) -> str:
+    """``other / own`` means of an energy matrix (off-diagonal / diagonal) over seeds."""
+    mats = [np.asarray(r[key], dtype=float) for r in runs if r[key] and r[key][0][0] is not None]
+    if not mats:
+        return "n/a"
+    return f"{mean_std([off_diagonal_mean(m) for m in mats])} / {mean_std([np.diag(m).mean() for m in mats])}"
+
+
+def _short(module: str) -> str:
+    """``bert.encoder.layer.3.attention.self.query`` → ``layer 3 query``."""
+    parts = module.split(".")
+    layer = next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p in ("layer", "layers")), "?")
+    return f"layer {layer} {parts[-1]}"
+
+
+def study_section(summary: dict, arms: list[str], names: list[str]) -> list[str]:
+    """Which arm gives the best merged score with single-task quality within 1 point of standard LoRA,
+    and how much of OSRM's gain is scale (orthogonal − lora) and how much subspace (osrm − orthogonal)."""
+    if not {"lora", "osrm", "orthogonal"} <= set(arms):
+        return []
+    single = {arm: [np.mean([summary["single"][arm][sd][n] for n in names]) for sd in sorted(summary["single"][arm])]
+              for arm in arms}
+    lora_single = np.mean(single["lora"])
+    lines = ["", "## Subspace or scale? (normalised test score, mean over seeds)", "",
+             "| method | osrm − lora | = scale: orthogonal − lora | + subspace: osrm − orthogonal |",
+             "|---|---|---|---|"]
+    for method, cells in summary["table"].items():
+        if method == "heads_only" or not {"lora", "osrm", "orthogonal"} <= set(cells):
+            continue
+        mean = {a: np.mean(list(cells[a]["norm"].values())) for a in ("lora", "osrm", "orthogonal")}
+        lines.append(f"| {method} | {mean['osrm'] - mean['lora']:+.3f} | {mean['orthogonal'] - mean['lora']:+.3f} | "
+                     f"{mean['osrm'] - mean['orthogonal']:+.3f} |")
+    lines += ["", "Arms ranked by task-arithmetic normalised score; `eligible` = single-task mean within 1 point "
+              "(0.01) of standard LoRA's.", "",
+              "| arm | single-task mean | Δ vs lora | task arithmetic | best method (score) | eligible |",
+              "|---|---|---|---|---|---|"]
+    rows = []
+    for arm in arms:
+        ta = summary["table"].get("task_arithmetic", {}).get(arm)
+        ta_score = np.mean(list(ta["norm"].values())) if ta else float("nan")
+        best = max(((m, np.mean(list(c[arm]["norm"].values()))) for m, c in summary["table"].items()
+                    if arm in c and m != "heads_only"), key=lambda x: x[1])
+        delta = np.mean(single[arm]) - lora_single
+        rows.append((ta_score, arm, np.mean(single[arm]), delta, best, delta >= -0.01))
+    for ta_score, arm, mean_single, delta, best, ok in sorted(rows, reverse=True):
+        lines.append(f"| {arm} | {mean_single:.3f} | {delta:+.3f} | {ta_score:.3f} | {best[0]} ({best[1]:.3f}) | "
+                     f"{'yes' if ok else 'no'} |")
+    winner = next((r for r in sorted(rows, reverse=True) if r[5]), None)
+    if winner:
+        lines += ["", f"Best eligible arm by task arithmetic: **{winner[1]}** ({winner[0]:.3f})."]
+    return lines
 
 
 def verdicts(diffs, summary, arms, names) -> list[str]:
@@ -212,16 +278,21 @@ def render_plots(results: dict, out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(arms), figsize=(3.6 * len(arms), 3.2), squeeze=False)
-    for ax, arm in zip(axes.flat, arms):
-        mats = np.array([r["interference"] for r in results["runs"] if r["arm"] == arm]).mean(0)
-        image = ax.imshow(mats, cmap="magma", vmin=0)
-        ax.set_title(f"{arm}: ‖ΔW_j X_i‖/‖ΔW_i X_i‖", fontsize=9)
-        ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
-        ax.set_yticks(range(len(names)), names, fontsize=7)
-        ax.set_xlabel("adapter j")
-        ax.set_ylabel("inputs of task i")
-        fig.colorbar(image, ax=ax, fraction=0.046)
+    kinds = [("interference", "base activations")]
+    if all(r.get("interference_merged") for r in results["runs"]):
+        kinds.append(("interference_merged", "merged-model activations"))
+    fig, axes = plt.subplots(len(kinds), len(arms), figsize=(3.6 * len(arms), 3.3 * len(kinds)), squeeze=False)
+    for row, (key, label) in zip(axes, kinds):
+        for ax, arm in zip(row, arms):
+            mats = np.array([r[key] for r in results["runs"] if r["arm"] == arm]).mean(0)
+            image = ax.imshow(mats, cmap="magma", vmin=0)
+            ax.set_title(f"{arm}, {label}", fontsize=8)
+            ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
+            ax.set_yticks(range(len(names)), names, fontsize=7)
+            ax.set_xlabel("adapter j", fontsize=7)
+            ax.set_ylabel("inputs of task i", fontsize=7)
+            fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle("interference ‖ΔW_j X_i‖ / ‖ΔW_i X_i‖", fontsize=9)
     fig.tight_layout()
     paths.append(out / "interference.png")
     fig.savefig(paths[-1], dpi=110)

@@ -33,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--study", action="store_true",
                    help="the OSRM comparison: arms lora, osrm, orthogonal, lora-unit, osrm with frozen A, "
-                        "subspace-constrained, regularised and β tie-break; 3 seeds")
+                        "subspace-constrained, regularised and β tie-break; 3 seeds, 4 short-text tasks")
     p.set_defaults(func=run_experiment)
 
     r = sub.add_parser("report", help="re-render report.md and plots from a results.json")
@@ -44,12 +44,11 @@ def register(sub) -> None:
 def build_config(args):
     from dataclasses import replace
 
-    from ..experiment import ExperimentConfig, study_arms
+    from ..experiment import ExperimentConfig
 
     config = ExperimentConfig.quick() if args.quick else ExperimentConfig()
     if args.study:
-        config = replace(config, inits=["lora", "osrm", "orthogonal", "lora-unit"], seeds=[0, 1, 2],
-                         arms=study_arms(config.train.rank))
+        config = ExperimentConfig.study()
     overrides = {"model": args.model}
     if args.tasks:
         overrides["tasks"] = args.tasks if args.tasks.endswith((".yaml", ".yml")) else _list(args.tasks)

@@ -245,10 +245,13 @@ class Experiment:
         spec = get_method(method)
         params = {"scale": 1.0} if "scale" in spec.defaults else {}
         stats = [self.stats[n] for n in names] if spec.needs_stats else None
+        # data-driven methods get the task splits (fisher: train rows; adamerging, search: validation inputs;
+        # never test) and run them through W₀, so the scoring patches are reset first
+        data = self.tasks if spec.needs_data else None
+        model = evaluator.load(names[0], {}, {}) if spec.needs_data else evaluator.models[names[0]]
         t0 = time.time()
         # dense=True: evaluate the method's own ΔW (no re-compression), validated against the loaded base
-        result = merge_adapters(adapters, method=method, stats=stats, dense=True,
-                                model=evaluator.models[names[0]], **params)
+        result = merge_adapters(adapters, method=method, stats=stats, dense=True, model=model, data=data, **params)
         seconds = time.time() - t0
         per_task = spec.per_task
         deltas = {n: {m: result.delta(m, n if per_task else None) for m in adapters[0].modules}

@@ -16,7 +16,8 @@ def _value(text: str):
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "merge", help="merge LoRA adapters (task arithmetic, TIES, DARE, TSV, Iso, RegMean, EMR, Core/KnOTS)",
+        "merge", help="merge LoRA adapters (task arithmetic, TIES, DARE, TSV, Iso, RegMean, EMR, Core/KnOTS, "
+                      "continual, DO-Merging, DOGE, Fisher, AdaMerging, search)",
         description="Merge task LoRAs on one base model. Output: OUT/ = merged LoRA (PEFT folder, no head), "
                     "OUT/tasks/<name>/ = merged LoRA + that task's head, OUT/merge_report.json.")
     what = p.add_argument_group("what to merge")
@@ -31,6 +32,9 @@ def register(subparsers) -> None:
     hyper.add_argument("--space", choices=["factored", "dense", "core", "knots"],
                        help="pick the variant of --method in this space (ties + core → core_ties)")
     hyper.add_argument("--stats", nargs="+", metavar="FILE", help="statistics per adapter (regmean)")
+    hyper.add_argument("--data", nargs="+", metavar="TASK",
+                       help="task data per adapter for data-driven methods (fisher, adamerging, search): a bundled "
+                            "task name or a tasks YAML (file.yaml, or file.yaml#name); needs --model")
     hyper.add_argument("--seed", type=int, default=0, help="seed of random rules (DARE); default 0")
     hyper.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="any other method parameter, e.g. --set sign=frequency --set normalize=weight")
@@ -75,8 +79,12 @@ def run(args: argparse.Namespace) -> None:
         result = merge_adapters(args.adapters, method=args.method, weights=args.weights, space=args.space,
                                 rank=args.rank, dense=args.dense, model=args.model, stats=args.stats,
                                 seed=args.seed, svd=args.svd, progress=not args.quiet, threads=args.threads,
-                                **params)
+                                data=args.data, **params)
         result.save(args.out)
     total = result.report["total"]
     print(f"{result.method}: wrote {result.path} (total re-compression error {total['rel_error']:.3g}, "
           f"{result.report['timing']['merge_s']:.2f} s)")
+    if result.report.get("best_recipe"):
+        best = result.report["search"]["best"]
+        print(f"search: best {best['method']} {best['params']} λ={best['lambda']} (score {best['score']:.4g}); "
+              f"recipe: {result.path}/recipe.yaml")

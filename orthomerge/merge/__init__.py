@@ -5,9 +5,11 @@
 >>> result.save("merged")
 
 Importing this package registers every method (``linear``, ``elementwise``, ``spectral``, ``regmean``,
-``emr``, ``subspace``).
+``emr``, ``subspace``, ``continual``, ``do_merging``, ``doge``; data-driven ``fisher``, ``adamerging``,
+``search``).
 """
-from . import elementwise, emr, linear, regmean, spectral, subspace  # noqa: F401  (registration)
+from . import (adamerging, continual, do_merging, doge, elementwise, emr, fisher, linear, regmean,  # noqa: F401
+               search, spectral, subspace)  # (registration)
 from .api import MergeResult, merge_adapters, run_recipe
 from .registry import METHODS, get_method, list_methods, register
 

@@ -36,9 +36,11 @@ from ..adapters import WEIGHTS_NAME, LoraAdapter, load_adapter, save_adapter, va
 from ..errors import OrthomergeError, atomic_dir
 from .elementwise import abs_histogram_threshold, check_density
 from .recompress import Loss, recompress_dense, recompress_factors
-from .registry import Dense, LowRank, MethodSpec, ModuleTask, PerTask, get_method, per_task
+from .registry import (Dense, LowRank, MergeContext, MethodSpec, ModuleTask, PerTask, get_method, per_task,
+                       scaled_factors)
 
 REPORT_NAME = "merge_report.json"
+RECIPE_NAME = "recipe.yaml"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
                    "merges.txt", "vocab.json", "tokenizer.model")
 HEAD_POLICY = "task heads (modules_to_save) are not merged: OUT/tasks/<name>/ carries each task's own head"
@@ -85,6 +87,10 @@ class MergeResult:
                     save_adapter(self.merged, tmp)
                 for name, adapter in self.tasks.items():
                     save_adapter(adapter, tmp / "tasks" / name)
+            if self.report.get("best_recipe"):   # search: the chosen recipe, loadable by ``orthomerge merge --config``
+                import yaml
+
+                (tmp / RECIPE_NAME).write_text(yaml.safe_dump(self.report["best_recipe"], sort_keys=False))
             self.report["timing"]["save_s"] = time.perf_counter() - start
             (tmp / REPORT_NAME).write_text(json.dumps(self.report, indent=2, sort_keys=True, default=str) + "\n")
         self.path = out
@@ -213,6 +219,14 @@ def _load_stats(stats, adapters, modules):
     return loaded
 
 
+def _choice_ok(value, allowed) -> bool:
+    """``allowed``: a type, a tuple of types, or a tuple of values (True/False only match real booleans)."""
+    kinds = allowed if isinstance(allowed, tuple) else (allowed,)
+    if all(isinstance(k, type) for k in kinds):
+        return isinstance(value, kinds)
+    return value in kinds and isinstance(value, bool) == isinstance(kinds[0], bool)
+
+
 def _check_params(spec: MethodSpec, params: dict, count: int) -> None:
     if "density" in params:
         check_density(per_task(params["density"], count, "density"))
@@ -225,7 +239,14 @@ def _check_params(spec: MethodSpec, params: dict, count: int) -> None:
                    "select": ("partition", "kthvalue", "sort"), "gram": ("sum", "mean")}[key]
         if key in params and params[key] not in allowed:
             raise OrthomergeError(f"{spec.name}: {key}={params[key]!r}: choose {' or '.join(allowed)}")
+    for key, allowed in spec.choices.items():   # non-numeric parameters a method declares
+        if not _choice_ok(params.get(key), allowed):
+            kinds = allowed if isinstance(allowed, tuple) else (allowed,)
+            what = " or ".join(k.__name__ if isinstance(k, type) else str(k) for k in kinds)
+            raise OrthomergeError(f"{spec.name}: {key}={params.get(key)!r}: choose {what}")
     for key, value in params.items():
+        if key in spec.choices:
+            continue
         if key not in ("sign", "normalize", "select", "gram", "trim_scope", "rescale_scope", "rescale", "density"):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise OrthomergeError(f"{spec.name}: parameter {key}={value!r} must be a finite number")
@@ -298,8 +319,8 @@ def torch_threads(threads: int | None):
 
 def merge_adapters(adapters, method: str = "task_arithmetic", weights=None, *, space: str | None = None,
                    rank: int | None = None, dense: bool = False, model=None, stats=None, seed: int = 0,
-                   svd: str = "auto", progress: bool = False, threads: int | None = None,
-                   **params) -> MergeResult:
+                   svd: str = "auto", progress: bool = False, threads: int | None = None, data=None,
+                   tokenizer=None, **params) -> MergeResult:
     """Merge LoRA adapters (folders or :class:`LoraAdapter`) with a registered method.
 
     ``weights`` (default 1 each) are per task, ``params`` the method's hyper-parameters (``scale`` λ,
@@ -309,14 +330,48 @@ def merge_adapters(adapters, method: str = "task_arithmetic", weights=None, *, s
     ``model``: a spec string or module; default the adapters' base_model_name_or_path). ``stats``: one
     statistics file (or object with ``gram``/``tokens``/``modules``) per adapter, for ``regmean``.
     ``threads``: torch threads during the merge (see :func:`torch_threads`; default 1).
+    ``data``: for data-driven methods (``fisher``, ``adamerging``, ``search``), one item per adapter — a
+    :class:`~orthomerge.tasks.Task`, a :class:`~orthomerge.tasks.Split`, a bundled task name or a tasks
+    YAML (``file.yaml`` with one task, or ``file.yaml#name``); each method says which split it uses.
+    ``tokenizer``: for data-driven methods when ``model`` is a module without a local folder name.
     """
     with torch_threads(threads):
         return _merge(adapters, method, weights, space=space, rank=rank, dense=dense, model=model, stats=stats,
-                      seed=seed, svd=svd, progress=progress, params=params)
+                      seed=seed, svd=svd, progress=progress, params=params, data=data, tokenizer=tokenizer)
+
+
+def load_data(data, adapters) -> list:
+    """One :class:`Task` or :class:`Split` per adapter from tasks, splits, bundled names or tasks YAML files."""
+    from ..tasks import Split, Task, load_task, load_tasks
+
+    if data is None:
+        return None
+    if isinstance(data, (str, Path, Split, Task)):
+        data = [data]
+    data = list(data)
+    if len(data) != len(adapters):
+        raise OrthomergeError(f"--data: {len(data)} items for {len(adapters)} adapters (one task per adapter)")
+    out = []
+    for item in data:
+        if isinstance(item, (Split, Task)):
+            out.append(item)
+            continue
+        text = str(item)
+        path, _, name = text.partition("#")
+        if path.lower().endswith((".yaml", ".yml")):
+            tasks = load_tasks([path])
+            hits = [t for t in tasks if t.name == name] if name else tasks
+            if len(hits) != 1:
+                names = ", ".join(t.name for t in tasks)
+                raise OrthomergeError(f"--data {text}: name one task of {path} with {path}#NAME (tasks: {names})")
+            out.append(hits[0])
+        else:
+            out.append(load_task(text))
+    return out
 
 
 def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed, svd, progress,
-           params) -> MergeResult:
+           params, data=None, tokenizer=None) -> MergeResult:
     t0 = time.perf_counter()
     spec = get_method(method, space)
     adapters = _load(adapters)
@@ -343,7 +398,22 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
             validate_adapter(dataclasses.replace(a, heads={}), model, where=_where(a))
     loaded_stats = _load_stats(stats, adapters, modules) if spec.needs_stats else None
     names = task_names(adapters)
+    if spec.needs_data:
+        if data is None:
+            raise OrthomergeError(f"{spec.name} needs task data: one task or split per adapter "
+                                  "(data=[...], --data, or 'data:' per adapter in a recipe)")
+        if model is None:
+            raise OrthomergeError(f"{spec.name} needs the base model to run the data through: pass --model")
     t_load = time.perf_counter() - t0
+    prepared, t_prep = None, 0.0
+    if spec.prepare is not None:
+        s = time.perf_counter()
+        ctx = MergeContext(adapters=adapters, names=names, modules=modules, weights=weights, params=resolved,
+                           model=model, data=load_data(data, adapters) if spec.needs_data else None,
+                           tokenizer=tokenizer, stats=[st for _, st in loaded_stats] if loaded_stats else stats,
+                           seed=seed, progress=progress)
+        prepared = spec.prepare(ctx)
+        t_prep = time.perf_counter() - s
 
     call = {k: v for k, v in resolved.items() if k not in ("trim_scope", "rescale_scope")}
     if resolved.get("trim_scope") == "model":
@@ -357,9 +427,11 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
     shares = [[0.0, 0.0] for _ in range(count)]
     per_module_scale: dict[str, list[float]] = {}
     for m in tqdm(modules, desc=f"merge {spec.name}", unit="module", disable=not progress):
-        fac = [(a.B[m].to(torch.float32) * a.scaling[m], a.A[m].to(torch.float32)) for a in adapters]
+        fac = scaled_factors(adapters, m)
         task = ModuleTask(name=m, factors=fac, weights=weights,
                           seeds=[module_seed(seed, b, a_, m) for b, a_ in fac])
+        if prepared is not None:
+            task.extras = prepared.extras.get(m)
         if loaded_stats is not None:
             task.grams = [st.gram(m) for _, st in loaded_stats]
             task.tokens = [st.tokens(m) for _, st in loaded_stats]
@@ -436,6 +508,9 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
                    "merge_s": time.perf_counter() - t0},
         "notes": notes,
     }
+    if prepared is not None:
+        report["timing"]["prepare_s"] = t_prep
+        report.update(prepared.report)
     if spec.per_task:
         report["rescalers"] = {n: (shares[i][0] / shares[i][1] if shares[i][1] > 0 else 1.0)
                                for i, n in enumerate(names)}
@@ -447,7 +522,7 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
 
 RECIPE_KEYS = {"method", "merge_method", "adapters", "models", "parameters", "output", "base_model", "model",
                "seed", "space", "dtype"}
-ADAPTER_KEYS = {"path", "adapter", "model", "parameters", "weight", "stats"}
+ADAPTER_KEYS = {"path", "adapter", "model", "parameters", "weight", "stats", "data"}
 PER_ADAPTER_PARAMS = ("weight", "density")
 
 
@@ -479,7 +554,7 @@ def load_recipe(path: str | Path) -> dict:
         p = Path(str(p)).expanduser()
         return p if p.is_absolute() else here / p
 
-    adapters, per, stats = [], {k: [] for k in PER_ADAPTER_PARAMS}, []
+    adapters, per, stats, data = [], {k: [] for k in PER_ADAPTER_PARAMS}, [], []
     for i, entry in enumerate(entries):
         if isinstance(entry, str):
             entry = {"path": entry}
@@ -502,6 +577,12 @@ def load_recipe(path: str | Path) -> dict:
         for k in PER_ADAPTER_PARAMS:
             per[k].append(params.get(k))
         stats.append(local(entry["stats"]) if entry.get("stats") else None)
+        if entry.get("data"):   # a bundled task name, or a tasks YAML relative to the recipe
+            spec = str(entry["data"])
+            file, sep, name = spec.partition("#")
+            data.append(str(local(file)) + sep + name if local(file).exists() else spec)
+        else:
+            data.append(None)
     glob = dict(doc.get("parameters") or {})
     kwargs = {"method": method, "space": doc.get("space"), "seed": int(doc.get("seed", 0))}
     if any(w is not None for w in per["weight"]):
@@ -515,6 +596,10 @@ def load_recipe(path: str | Path) -> dict:
         if not all(stats):
             raise OrthomergeError(f"{path}: give 'stats' for every adapter or none")
         kwargs["stats"] = stats
+    if any(d is not None for d in data):
+        if not all(data):
+            raise OrthomergeError(f"{path}: give 'data' for every adapter or none")
+        kwargs["data"] = data
     output = doc.get("output") or {}
     if not isinstance(output, dict):
         raise OrthomergeError(f"{path}: 'output' must be a mapping (format, rank, path)")

@@ -41,6 +41,7 @@ class ModuleTask:
     seeds: list[int] = field(default_factory=list)
     grams: list[torch.Tensor] | None = None
     tokens: list[int] | None = None
+    extras: dict | None = None   # per-module inputs a method's ``prepare`` computed (Fisher, learned λ, …)
 
     def __len__(self) -> int:
         return len(self.factors)
@@ -118,6 +119,56 @@ class PerTask:
     denom: list[float]
 
 
+def scaled_factors(adapters, module: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(s·B, A)`` of ``module`` for every adapter, float32: what a rule sees."""
+    return [(a.B[module].to(torch.float32) * a.scaling[module], a.A[module].to(torch.float32)) for a in adapters]
+
+
+@dataclass
+class MergeContext:
+    """What a method's ``prepare`` sees: the whole merge (not one module).
+
+    ``adapters`` are :class:`orthomerge.adapters.LoraAdapter`; ``data[i]`` is adapter i's task data (a
+    :class:`orthomerge.tasks.Task` or :class:`~orthomerge.tasks.Split`; ``None`` for data-free methods);
+    ``model`` the base model (``None`` when unknown), ``params`` the resolved hyper-parameters.
+    """
+
+    adapters: list
+    names: list[str]
+    modules: list[str]
+    weights: list[float]
+    params: dict
+    model: object = None
+    data: list | None = None
+    tokenizer: object = None
+    stats: list | None = None
+    seed: int = 0
+    progress: bool = False
+
+    def module_task(self, module: str) -> ModuleTask:
+        """``module`` of every adapter as the per-module loop sees it (no seeds, statistics or extras)."""
+        return ModuleTask(name=module, factors=scaled_factors(self.adapters, module), weights=list(self.weights))
+
+    def get_tokenizer(self):
+        """The tokenizer given to the merge, else the base model's (by its ``name_or_path``)."""
+        if self.tokenizer is None:
+            from ..models import load_tokenizer
+
+            spec = getattr(getattr(self.model, "config", None), "name_or_path", None)
+            if not spec:
+                raise OrthomergeError("data-driven merge: no tokenizer (pass tokenizer= or a model folder)")
+            self.tokenizer = load_tokenizer(str(spec))
+        return self.tokenizer
+
+
+@dataclass
+class Prepared:
+    """A ``prepare`` result: ``extras[module]`` for the rule, ``report`` for merge_report.json."""
+
+    extras: dict[str, dict] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -134,6 +185,9 @@ class MethodSpec:
     linear: bool = False
     needs_stats: bool = False
     per_task: bool = False
+    needs_data: bool = False
+    prepare: Callable | None = None
+    choices: dict = field(default_factory=dict)
 
     def resolve(self, params: dict) -> dict:
         """Defaults overridden by ``params``; unknown names are an error."""
@@ -149,8 +203,15 @@ METHODS: dict[str, MethodSpec] = {}
 
 def register(name: str, *, space: str, family: str, summary: str, defaults: dict | None = None,
              base: str | None = None, random: bool = False, linear: bool = False, needs_stats: bool = False,
-             per_task: bool = False):
-    """Decorator: register ``fn`` under ``name``. ``defaults`` lists every hyper-parameter it accepts."""
+             per_task: bool = False, needs_data: bool = False, prepare: Callable | None = None,
+             choices: dict | None = None):
+    """Decorator: register ``fn`` under ``name``. ``defaults`` lists every hyper-parameter it accepts.
+
+    Model-level methods give ``prepare(ctx: MergeContext) -> Prepared``: it runs once before the
+    per-module loop (with every adapter, the base model and, for ``needs_data`` methods, each adapter's
+    task data) and returns per-module ``extras`` that the rule finds in ``ModuleTask.extras``.
+    ``choices`` maps a non-numeric parameter to its allowed values (a tuple) or type (e.g. ``str``).
+    """
     if space not in SPACES:
         raise ValueError(f"space {space!r} not in {SPACES}")
 
@@ -164,7 +225,8 @@ def register(name: str, *, space: str, family: str, summary: str, defaults: dict
                       if p.default is not inspect.Parameter.empty}
         METHODS[name] = MethodSpec(name=name, fn=fn, space=space, family=family, summary=summary,
                                    defaults=dict(params), base=base or name, random=random, linear=linear,
-                                   needs_stats=needs_stats, per_task=per_task)
+                                   needs_stats=needs_stats, per_task=per_task, needs_data=needs_data,
+                                   prepare=prepare, choices=dict(choices or {}))
         return fn
 
     return wrap

@@ -1,0 +1,228 @@
+"""Fisher merging (Matena & Raffel, NeurIPS 2022) with an exact per-example diagonal Fisher of every
+module's weight (merging.md §4.12), and the model/data plumbing the data-driven methods share.
+
+Per adapted module W (m×n) and task i, the diagonal Fisher of the merged-space weight W = W₀ + ΔW_i
+(the expert θ_i, task i's own head) over task i's examples::
+
+    F_i = (1/N) Σ_x E_y[ g_{x,y} ⊙ g_{x,y} ],   g_{x,y} = ∂ log p(y|x) / ∂W = Σ_tokens (∂ log p/∂out_t) x_tᵀ
+
+computed exactly per example (hooks capture each module's input and the gradient at its output; no
+batch-level squaring, unlike MergeLM/FusionBench which square the gradient of a batch sum). E_y is
+``labels="expected"`` (default, the true Fisher: Σ_y p(y|x) g², one backward pass per class),
+``"gold"`` (the empirical Fisher with the data's labels) or ``"sample"`` (y ~ p(y|x), seeded).
+Regression heads use a unit-variance Gaussian: g = (y − ŷ)∂ŷ (gold), ε∂ŷ with ε ~ N(0,1) (sample) or ∂ŷ
+(expected, E[(y−ŷ)²] = 1). Merge, with F̃_i = F_i + ``floor`` (FusionBench's additive
+``minimal_fisher_weight`` = 1e-6)::
+
+    ΔW = λ Σ_i c_i F̃_i ⊙ ΔW_i / Σ_i |c_i| F̃_i,   c_i = w_i / (‖F_i‖ + floor) if ``normalize_fisher`` else w_i
+
+(``normalize_fisher``: FusionBench's ``normalize_fisher_weight``, each task's Fisher divided by its L2 norm
+over all adapted modules). For weights ≥ 0 this is the paper's weighted Fisher average; |c_i| in the
+denominator extends it to negative weights (task negation), which the paper does not define.
+
+Data: ``split="train"`` (default: Matena & Raffel estimate the Fisher on training data; never test),
+the first ``samples`` rows (256, FusionBench's usual ``num_fisher_examples``). Memory: one dense m×n
+Fisher per module and task, plus a ``batch_size``×m×n per-example gradient buffer. A bare rule call
+without Fishers uses the isotropic Fisher (F = 1: the weighted average, the paper's "isotropic merging"
+baseline); through the API a missing model or data is an error.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from ..errors import OrthomergeError
+from .registry import Dense, MergeContext, ModuleTask, Prepared, register
+
+# ---------------------------------------------------------------- shared by the data-driven methods
+
+
+def data_split(item, split: str, samples: int, method: str):
+    """Adapter i's rows for a data-driven method: ``item.<split>`` of a Task, or the Split itself; first ``samples``."""
+    from ..tasks import Split
+
+    data = item if isinstance(item, Split) else getattr(item, split)
+    if samples and samples > 0:
+        data = data.take(int(samples))
+    if len(data) == 0:
+        raise OrthomergeError(f"{method}: task {getattr(item, 'name', '')!r} has no {split} rows")
+    return data
+
+
+class TaskModels:
+    """The base model with each task's head: one copy per distinct head shape, heads swapped in on demand.
+
+    The copies hold the base weights W₀ (the adapters' updates are added by :func:`lowrank_hooks`).
+    """
+
+    def __init__(self, model, adapters, names):
+        from .api import _model_for_heads
+
+        self.adapters = adapters
+        base = model.state_dict()
+        self.models, self.keys = {}, []
+        for adapter, name in zip(adapters, names):
+            key = tuple(sorted((k, tuple(v.shape)) for k, v in adapter.heads.items()))
+            if key not in self.models:
+                copy = _model_for_heads(model, adapter.heads, name)
+                copy.load_state_dict({**base, **adapter.heads}, strict=True)
+                self.models[key] = copy.eval()
+            self.keys.append(key)
+
+    def get(self, i: int):
+        model = self.models[self.keys[i]]
+        state = model.state_dict()
+        with torch.no_grad():
+            for k, v in self.adapters[i].heads.items():
+                state[k].copy_(v)
+        return model
+
+    def num_labels(self, i: int) -> int:
+        return int(self.get(i).config.num_labels)
+
+
+@contextlib.contextmanager
+def lowrank_hooks(model, factors: dict, coefficients=None, capture: dict | None = None):
+    """Forward hooks adding ``(x Aᵀ ⊙ c) Bᵀ`` to each module's output: ``factors[name] = (B m×R, A R×n)``,
+    ``coefficients(name)`` an optional length-R multiplier (differentiable), ``capture[name] = (x, out)``."""
+    handles = []
+
+    def make(name, b, a):
+        def hook(module, inputs, out):
+            x = inputs[0]
+            h = x @ a.T
+            if coefficients is not None:
+                h = h * coefficients(name)
+            out = out + h @ b.T
+            if capture is not None:
+                if not out.requires_grad:   # frozen base: still differentiate w.r.t. this output
+                    out.requires_grad_()
+                capture[name] = (x.detach(), out)
+            return out
+        return hook
+
+    try:
+        for name, (b, a) in factors.items():
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_hook(make(name, b.to(torch.float32), a.to(torch.float32))))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def batches(tokenizer, split, max_length: int, batch_size: int):
+    """``(row indices, padded batch)`` over a split in order."""
+    from ..train import encode
+
+    enc = encode(tokenizer, split, max_length)
+    for start in range(0, len(enc), batch_size):
+        idx = list(range(start, min(start + batch_size, len(enc))))
+        yield idx, tokenizer.pad([enc[i] for i in idx], return_tensors="pt")
+
+
+def adapter_factors(adapter, modules, weight: float = 1.0) -> dict:
+    """``{module: (weight·s·B, A)}`` in float32."""
+    return {m: (adapter.B[m].to(torch.float32) * adapter.scaling[m] * weight, adapter.A[m].to(torch.float32))
+            for m in modules}
+
+
+# ---------------------------------------------------------------- the Fisher
+
+
+def _targets(logits: torch.Tensor, labels, mode: str, generator: torch.Generator):
+    """``[(scalar whose per-example gradients are g, per-example weight or None), ...]``."""
+    if logits.shape[-1] == 1:                      # regression, unit-variance Gaussian
+        pred = logits[:, 0]
+        if mode == "gold":
+            return [(((torch.tensor(labels, dtype=pred.dtype) - pred).detach() * pred).sum(), None)]
+        if mode == "sample":
+            return [((torch.randn(pred.shape, generator=generator) * pred).sum(), None)]
+        return [(pred.sum(), None)]
+    logp = torch.log_softmax(logits, -1)
+    if mode == "expected":
+        probs = logp.exp().detach()
+        return [(logp[:, c].sum(), probs[:, c]) for c in range(logp.shape[-1])]
+    if mode == "gold":
+        y = torch.tensor(labels, dtype=torch.long)
+    else:
+        y = torch.multinomial(logp.exp().detach(), 1, generator=generator)[:, 0]
+    return [(logp[torch.arange(len(y)), y].sum(), None)]
+
+
+def diagonal_fisher(model, tokenizer, split, factors: dict, labels: str = "expected", max_length: int = 64,
+                    batch_size: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per-example diagonal Fisher (m×n, float32) of every module in ``factors`` at W₀ + B A (see module doc)."""
+    if labels == "gold" and any(y is None for y in split.labels):
+        raise OrthomergeError("fisher labels='gold' needs labelled rows (or use labels='expected')")
+    modules = list(factors)
+    fisher = {m: torch.zeros(model.get_submodule(m).weight.shape, dtype=torch.float32) for m in modules}
+    generator = torch.Generator().manual_seed(seed)
+    capture: dict = {}
+    with lowrank_hooks(model, factors, capture=capture), torch.enable_grad():
+        for idx, batch in batches(tokenizer, split, max_length, batch_size):
+            capture.clear()
+            logits = model(**batch).logits
+            xs = [capture[m][0] for m in modules]
+            outs = [capture[m][1] for m in modules]
+            terms = _targets(logits, [split.labels[i] for i in idx], labels, generator)
+            for k, (target, weight) in enumerate(terms):
+                grads = torch.autograd.grad(target, outs, retain_graph=k < len(terms) - 1, allow_unused=True)
+                for m, x, g in zip(modules, xs, grads):
+                    if g is None:
+                        continue
+                    b = x.shape[0]
+                    per = torch.einsum("blo,bli->boi", g.reshape(b, -1, g.shape[-1]), x.reshape(b, -1, x.shape[-1]))
+                    sq = per.square_()
+                    if weight is not None:
+                        sq.mul_(weight.view(-1, 1, 1))
+                    fisher[m] += sq.sum(0)
+    for m in modules:
+        fisher[m] /= len(split)
+    return fisher
+
+
+def _prepare(ctx: MergeContext) -> Prepared:
+    p = ctx.params
+    models = TaskModels(ctx.model, ctx.adapters, ctx.names)
+    tok = ctx.get_tokenizer()
+    fishers, sizes = [], []
+    for i, adapter in enumerate(ctx.adapters):
+        split = data_split(ctx.data[i], p["split"], int(p["samples"]), "fisher")
+        fishers.append(diagonal_fisher(models.get(i), tok, split, adapter_factors(adapter, ctx.modules), p["labels"],
+                                       int(p["max_length"]), int(p["batch_size"]), ctx.seed))
+        sizes.append(len(split))
+    norms = [math.sqrt(sum(float((f * f).sum()) for f in fi.values())) for fi in fishers]
+    extras = {m: {"fisher": [fi[m] for fi in fishers], "fisher_norms": norms} for m in ctx.modules}
+    return Prepared(extras, {"fisher": {"split": p["split"], "examples": dict(zip(ctx.names, sizes)),
+                                        "labels": p["labels"], "norms": dict(zip(ctx.names, norms))}})
+
+
+@register("fisher", space="dense", family="data", needs_data=True, prepare=_prepare,
+          defaults={"scale": 1.0, "floor": 1e-6, "normalize_fisher": True, "labels": "expected", "split": "train",
+                    "samples": 256, "batch_size": 16, "max_length": 64},
+          choices={"normalize_fisher": (True, False), "labels": ("expected", "gold", "sample"),
+                   "split": ("train", "validation")},
+          summary="Fisher merging: Σ c_i F_i ⊙ ΔW_i / Σ c_i F_i with exact per-example diagonal Fishers of "
+                  "each module's W (needs --model and --data, train split)")
+def fisher(task: ModuleTask, scale: float = 1.0, floor: float = 1e-6, normalize_fisher: bool = True,
+           labels: str = "expected", split: str = "train", samples: int = 256, batch_size: int = 16,
+           max_length: int = 64) -> Dense:
+    """Fisher-weighted average of the ΔW_i of one module (Fishers from ``prepare``; isotropic without)."""
+    if floor < 0:
+        raise OrthomergeError(f"fisher: floor={floor} must be ≥ 0")
+    extras = task.extras or {}
+    fishers = extras.get("fisher") or [None] * len(task)
+    norms = extras.get("fisher_norms")
+    coeffs = [w / (n + floor) if normalize_fisher and norms and n + floor > 0 else w
+              for w, n in zip(task.weights, norms or [0.0] * len(task))]
+    num = torch.zeros(task.shape, dtype=torch.float64)
+    den = torch.zeros(task.shape, dtype=torch.float64)
+    for i, (f, c) in enumerate(zip(fishers, coeffs)):
+        ft = (f.to(torch.float64) if f is not None else torch.ones(task.shape, dtype=torch.float64)) + floor
+        num += (c * ft) * task.full(i).to(torch.float64)
+        den += abs(c) * ft
+    out = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+    return Dense((scale * out).to(torch.float32))

@@ -1,0 +1,240 @@
+"""Automated choice of merge method and hyper-parameters on a small validation budget, multi-fidelity.
+
+In the spirit of "Fine, I'll Merge It Myself" and "Reinforced Model Merging" (search over merge recipes
+scored on held-out data), done as successive halving: every candidate (method × its grid × λ) is scored
+on the first ``min_samples`` validation rows of every task; the best 1/``eta`` are promoted to ``eta``
+times more rows, and so on up to the full validation split (``samples`` rows, 0 = all). The winner is
+the best at the highest fidelity. Each (method, parameters) is merged once, at λ = 1, with the dense
+result kept only while some λ of it is alive; λ candidates are rescalings (every searched method is linear
+in its ``scale``; methods without ``scale`` are scored as they are).
+
+Score: each task's metric (its own head, its own validation rows), divided by its own adapter's score on
+the same rows (``objective="normalised"``, the experiment's normalised accuracy) or raw (``"raw"``),
+averaged over tasks. Data: ``split="validation"`` rows (never test). Output: the merged update of the
+winner (what the registry rule returns per module), the trials in ``merge_report.json`` and the winner's
+recipe, which :meth:`~orthomerge.merge.api.MergeResult.save` writes as ``OUT/recipe.yaml`` — loadable by
+``orthomerge merge --config OUT/recipe.yaml --out OTHER``. A bare rule call without a search result is
+task arithmetic at λ = 1 (the first default candidate).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import OrthomergeError
+from .fisher import TaskModels, data_split
+from .linear import task_arithmetic
+from .registry import Dense, MergeContext, ModuleTask, Prepared, get_method, register
+
+DEFAULT_METHODS = "task_arithmetic,ties,tsv,iso_c,do_merging,continual"
+
+
+@dataclass
+class Trial:
+    method: str
+    params: dict
+    scale: float | None
+    rung: int
+    samples: int
+    score: float
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "params": self.params, "lambda": self.scale, "rung": self.rung,
+                "samples": self.samples, "score": self.score}
+
+
+@dataclass
+class SearchOutcome:
+    best: tuple            # (method, params, λ or None)
+    score: float           # at the highest fidelity it reached
+    trials: list[Trial] = field(default_factory=list)
+    fidelities: list[int] = field(default_factory=list)
+    deltas: dict | None = None   # the winner's merged ΔW per module (λ applied)
+
+
+def _floats(text) -> list[float]:
+    """``"0.5,1"``, ``0.5`` or ``[0.5, 1]`` as a list of floats."""
+    items = text if isinstance(text, (list, tuple)) else [text] if isinstance(text, (int, float)) else str(text).split(",")
+    try:
+        return [float(v) for v in items if str(v).strip()]
+    except ValueError:
+        raise OrthomergeError(f"search: {text!r} is not a comma-separated list of numbers") from None
+
+
+def grid(methods: str | list[str], lambdas, densities) -> list[tuple[str, dict, list]]:
+    """``[(method, params, λ list or [None])]``: density grid for methods that take one, λ for those with ``scale``."""
+    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    out = []
+    for name in filter(None, names):
+        spec = get_method(name)
+        if spec.per_task or name == "search":
+            raise OrthomergeError(f"search: {name!r} cannot be searched (one update per task, or search itself)")
+        lams = _floats(lambdas) if "scale" in spec.defaults else [None]
+        dens = _floats(densities) if "density" in spec.defaults else [None]
+        for d in dens:
+            out.append((name, {} if d is None else {"density": d}, lams))
+    if not out:
+        raise OrthomergeError("search: no candidate methods")
+    return out
+
+
+def fidelities(min_samples: int, full: int, eta: float) -> list[int]:
+    """Row counts of the rungs: min_samples · eta^k, ending with ``full``."""
+    if eta <= 1 or min_samples < 1:
+        raise OrthomergeError(f"search: need eta > 1 and min_samples ≥ 1 (got {eta}, {min_samples})")
+    out, n = [], int(min_samples)
+    while n < full:
+        out.append(n)
+        n = int(math.ceil(n * eta))
+    return out + [full]
+
+
+def successive_halving(groups, merge, scorer, rungs: list[int], eta: float) -> SearchOutcome:
+    """Score every (group, λ) on ``rungs[0]`` rows, keep the top 1/eta, repeat; ``merge(method, params)``
+    gives dense ΔW per module at λ = 1, ``scorer(deltas, n)`` a number (higher is better)."""
+    alive = [(g, lam) for g, (_, _, lams) in enumerate(groups) for lam in lams]
+    cache: dict[int, dict] = {}
+    trials: list[Trial] = []
+    scores: dict = {}
+    for rung, n in enumerate(rungs):
+        scores = {}
+        for g, lam in alive:
+            method, params, _ = groups[g]
+            if g not in cache:
+                cache[g] = merge(method, params)
+            deltas = cache[g] if lam is None else {m: d * lam for m, d in cache[g].items()}
+            scores[(g, lam)] = float(scorer(deltas, n))
+            trials.append(Trial(method, params, lam, rung, n, scores[(g, lam)]))
+        # best first; ties: λ nearer 1, then candidate order (deterministic)
+        alive.sort(key=lambda c: (-np.nan_to_num(scores[c], nan=-np.inf), abs((c[1] or 1.0) - 1.0)))
+        if rung < len(rungs) - 1:
+            alive = alive[:max(1, int(math.ceil(len(alive) / eta)))]
+            for g in list(cache):
+                if all(g != a[0] for a in alive):
+                    del cache[g]
+    g, lam = alive[0]
+    method, params, _ = groups[g]
+    deltas = cache[g] if lam is None else {m: d * lam for m, d in cache[g].items()}
+    return SearchOutcome((method, params, lam), scores[(g, lam)], trials, rungs, deltas)
+
+
+@contextlib.contextmanager
+def patched(model, deltas: dict):
+    """``W₀ + ΔW`` in the modules of ``deltas`` for the duration (weights restored after)."""
+    saved = {}
+    with torch.no_grad():
+        try:
+            for m, d in deltas.items():
+                w = model.get_submodule(m).weight
+                saved[m] = w.detach().clone()
+                w.add_(d.to(w.dtype))
+            yield model
+        finally:
+            for m, w0 in saved.items():
+                model.get_submodule(m).weight.copy_(w0)
+
+
+class ValidationScorer:
+    """Mean over tasks of the metric on the first n validation rows (each task with its own head),
+    normalised by the task's own adapter on the same rows (``objective="normalised"``) or raw."""
+
+    def __init__(self, ctx: MergeContext, splits, metrics, max_length: int, batch_size: int, objective: str):
+        self.models = TaskModels(ctx.model, ctx.adapters, ctx.names)
+        self.tokenizer = ctx.get_tokenizer()
+        self.splits, self.metrics, self.objective = splits, metrics, objective
+        self.sizes = max_length, batch_size
+        self.own = [{m: a.delta(m).to(torch.float32) for m in ctx.modules} for a in ctx.adapters]
+        self.expert: dict = {}
+        self.calls = 0
+
+    def task_score(self, i: int, deltas: dict, n: int) -> float:
+        from ..evaluate import predict
+        from ..tasks import compute_metric
+
+        split = self.splits[i].take(n)
+        with patched(self.models.get(i), deltas) as model:
+            preds = predict(model, self.tokenizer, split, *self.sizes)
+        self.calls += 1
+        return compute_metric(self.metrics[i], preds, split.labels)
+
+    def __call__(self, deltas: dict, n: int) -> float:
+        scores = []
+        for i in range(len(self.splits)):
+            raw = self.task_score(i, deltas, n)
+            if self.objective == "normalised":
+                if (i, n) not in self.expert:
+                    self.expert[(i, n)] = self.task_score(i, self.own[i], n)
+                raw = raw / self.expert[(i, n)] if self.expert[(i, n)] else raw
+            scores.append(raw)
+        return float(np.nanmean(scores))
+
+
+def recipe(ctx: MergeContext, best: tuple) -> dict:
+    """The winner as a ``orthomerge merge --config`` recipe (adapters by path; data specs when it needs data)."""
+    method, params, lam = best
+    spec = get_method(method)
+    entries = []
+    for a, w, item in zip(ctx.adapters, ctx.weights, ctx.data or [None] * len(ctx.adapters)):
+        entry = {"path": str(a.path.resolve()) if a.path else None, "weight": w}
+        if spec.needs_data:
+            entry["data"] = getattr(item, "name", None)
+        entries.append(entry)
+    parameters = dict(params)
+    if lam is not None:
+        parameters["scale"] = lam
+    doc = {"method": method, "adapters": entries, "parameters": parameters, "seed": ctx.seed,
+           "output": {"format": "peft"}}
+    base = getattr(getattr(ctx.model, "config", None), "name_or_path", None)
+    if base:
+        doc["base_model"] = str(base)
+    return doc
+
+
+def _prepare(ctx: MergeContext) -> Prepared:
+    from .api import merge_adapters
+
+    p = ctx.params
+    groups = grid(p["methods"], p["lambdas"], p["densities"])
+    splits = [data_split(item, p["split"], int(p["samples"]), "search") for item in ctx.data]
+    metrics = [getattr(item, "metric", "accuracy") for item in ctx.data]
+    scorer = ValidationScorer(ctx, splits, metrics, int(p["max_length"]), int(p["batch_size"]), p["objective"])
+
+    def merge(method, params):
+        spec = get_method(method)
+        extra = {"scale": 1.0} if "scale" in spec.defaults else {}
+        result = merge_adapters(ctx.adapters, method, ctx.weights, dense=True, model=ctx.model, seed=ctx.seed,
+                                stats=ctx.stats if spec.needs_stats else None,
+                                data=ctx.data if spec.needs_data else None, tokenizer=ctx.tokenizer,
+                                threads=0, **params, **extra)
+        return {m: result.delta(m) for m in ctx.modules}
+
+    rungs = fidelities(int(p["min_samples"]), max(len(s) for s in splits), float(p["eta"]))
+    outcome = successive_halving(groups, merge, scorer, rungs, float(p["eta"]))
+    extras = {m: {"update": Dense(outcome.deltas[m])} for m in ctx.modules}
+    method, params, lam = outcome.best
+    doc = recipe(ctx, outcome.best)
+    return Prepared(extras, {"search": {"best": {"method": method, "params": params, "lambda": lam,
+                                                 "score": outcome.score},
+                                        "objective": p["objective"], "split": p["split"], "fidelities": rungs,
+                                        "evaluations": scorer.calls, "trials": [t.as_dict() for t in outcome.trials]},
+                             "best_recipe": doc})
+
+
+@register("search", space="dense", family="search", needs_data=True, prepare=_prepare,
+          defaults={"methods": DEFAULT_METHODS, "lambdas": "0.25,0.5,0.75,1.0,1.25", "densities": "0.1,0.2,0.4",
+                    "min_samples": 16, "eta": 3, "samples": 0, "split": "validation", "objective": "normalised",
+                    "max_length": 64, "batch_size": 64},
+          choices={"methods": (str, list), "lambdas": (str, float, int, list), "densities": (str, float, int, list),
+                   "split": ("validation", "train"),
+                   "objective": ("normalised", "raw")},
+          summary="search: method × hyper-parameters × λ by successive halving on validation rows; "
+                  "writes OUT/recipe.yaml (needs --model and --data)")
+def search(task: ModuleTask, **params):
+    """The winner's update for this module (task arithmetic at λ = 1 without a search result)."""
+    if task.extras and "update" in task.extras:
+        return task.extras["update"]
+    return task_arithmetic(task, 1.0)

@@ -36,15 +36,17 @@ def bench_stats(samples: int, max_length: int, repeats: int) -> None:
                 model(**tok(texts[start:start + 32], truncation=True, max_length=max_length, padding=True,
                             return_tensors="pt"))
 
-    def stats(targets):
-        return lambda: collect_stats(model, tok, texts, targets, max_length=max_length, batch_size=32, progress=False)
+    def stats(targets, float64):
+        return lambda: collect_stats(model, tok, texts, targets, max_length=max_length, batch_size=32,
+                                     progress=False, float64=float64)
 
     forward()  # warm-up
     base = best_of(forward, repeats)
     print(f"| plain forward, {samples} samples, max_length {max_length} | {base:.2f} s | 1.00 |")
-    for targets in (["query", "value"], ["query", "key", "value", "dense"]):
-        t = best_of(stats(targets), repeats)
-        print(f"| statistics for {','.join(targets)} | {t:.2f} s | {t / base:.2f} |")
+    for float64 in (False, True):
+        t = best_of(stats(["query", "value"], float64), repeats)
+        label = "float64" if float64 else "float32"
+        print(f"| statistics for query,value ({label} products, float64 sums) | {t:.2f} s | {t / base:.2f} |")
 
 
 def bench_eigh(dims: list[int], rank: int, repeats: int) -> None:

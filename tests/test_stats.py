@@ -60,6 +60,21 @@ def test_shared_inputs_are_grouped(tiny_bert, tiny_llama):
     assert sizes == [1, 1, 2, 2, 2, 2]  # o_proj alone; q/v share; gate/up share
 
 
+def test_float32_products_match_float64(tiny_bert):
+    model, tok = load_model(tiny_bert), load_tokenizer(tiny_bert)
+    fast = collect_stats(model, tok, TEXTS, ["query"], progress=False)
+    exact = collect_stats(model, tok, TEXTS, ["query"], progress=False, float64=True)
+    for m in fast.modules:
+        torch.testing.assert_close(fast.gram(m), exact.gram(m), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(fast.sample_mean(m), exact.sample_mean(m), rtol=1e-6, atol=1e-6)
+
+
+def test_per_sample_inputs_are_refused(tiny_bert):
+    model, tok = load_model(tiny_bert), load_tokenizer(tiny_bert)
+    with pytest.raises(OrthomergeError, match="pooler.dense.*per token"):
+        collect_stats(model, tok, TEXTS, ["dense"], progress=False)
+
+
 def test_padding_does_not_change_stats(tiny_bert):
     model, tok = load_model(tiny_bert), load_tokenizer(tiny_bert)
     one = collect_stats(model, tok, TEXTS, ["query"], batch_size=1, progress=False)
@@ -71,9 +86,9 @@ def test_padding_does_not_change_stats(tiny_bert):
 
 def test_shards_combine_exactly(tiny_bert, tmp_path):
     model, tok = load_model(tiny_bert), load_tokenizer(tiny_bert)
-    whole = collect_stats(model, tok, TEXTS, ["query", "value"], progress=False)
-    a = collect_stats(model, tok, TEXTS[:5], ["query", "value"], progress=False)
-    b = collect_stats(model, tok, TEXTS[5:], ["query", "value"], progress=False)
+    whole = collect_stats(model, tok, TEXTS, ["query", "value"], progress=False, float64=True)
+    a = collect_stats(model, tok, TEXTS[:5], ["query", "value"], progress=False, float64=True)
+    b = collect_stats(model, tok, TEXTS[5:], ["query", "value"], progress=False, float64=True)
     save_stats(a, tmp_path / "a.safetensors")
     save_stats(b, tmp_path / "b.safetensors")
     combined = combine_stats([load_stats(tmp_path / "a.safetensors"), load_stats(tmp_path / "b.safetensors")])
@@ -87,7 +102,7 @@ def test_two_gloo_processes_equal_one(tiny_bert, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(f'{{"text": "{t}"}}\n' for t in TEXTS))
     common = ["stats", "--model", tiny_bert, "--data", str(data), "--targets", "query,value", "--quiet",
-              "--batch-size", "3"]
+              "--batch-size", "3", "--float64"]
     single = subprocess.run([sys.executable, "-m", "orthomerge.cli", *common, "--out", str(tmp_path / "one.st")],
                             capture_output=True, text=True)
     assert single.returncode == 0, single.stderr

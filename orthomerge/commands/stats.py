@@ -14,6 +14,8 @@ def register(sub) -> None:
     p.add_argument("--max-samples", type=int, default=None, help="first N rows (file order)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--float64", action="store_true",
+                   help="float64 products per batch (default: float32 products, float64 sums)")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.set_defaults(func=run_stats)
 
@@ -41,7 +43,7 @@ def run_stats(args) -> None:
     model = load_model(args.model)
     stats = collect_stats(model, load_tokenizer(args.model), texts, parse_targets(args.targets), pairs=pairs,
                           max_length=args.max_length, batch_size=args.batch_size, progress=not args.quiet,
-                          model_name=args.model)
+                          model_name=args.model, float64=args.float64)
     stats.meta["data"] = str(args.data)
     if not distributed or dist.get_rank() == 0:
         save_stats(stats, args.out)

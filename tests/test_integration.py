@@ -49,3 +49,18 @@ def test_smollm2_decoder_statistics(tmp_path, monkeypatch):
                           ["q_proj", "v_proj"], max_length=16, progress=False)
     assert len(stats.groups) == 30 and stats.token_count > 0
     assert all(torch.isfinite(g).all() for g in stats.grams.values())
+
+
+def test_quick_experiment_produces_every_output(tmp_path):
+    """The README's smoke run, on the real bundled model and tasks."""
+    import json
+
+    from orthomerge.cli import main as cli
+
+    out = tmp_path / "quick"
+    assert cli(["experiment", "--quick", "--quiet", "--out", str(out)]) == 0
+    for name in ("report.md", "results.json", "lambda_curves.png", "per_task.png", "interference.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert [r["arm"] for r in results["runs"]] == ["lora", "osrm"]
+    assert all(0.0 < v <= 1.0 for r in results["runs"] for v in r["single"]["test"].values())

@@ -159,25 +159,45 @@ class Experiment:
         self.collect_statistics()
         evaluator = TaskEvaluator(c.model, self.tasks, c.train.max_length)
         names = [t.name for t in self.tasks]
-        runs = []
-        for seed in c.seeds:
-            for arm, arm_config in c.arm_configs().items():
-                config = replace(arm_config, seed=seed)
-                adapters = [self.adapter(arm, config, t) for t in self.tasks]
-                runs.append(self.evaluate_arm(evaluator, arm, config, adapters))
-                self.log(f"seed {seed} {arm}: " + ", ".join(
-                    f"{r['method']} {r['test_normalised_mean']:.3f}" for r in runs[-1]["merges"]))
+        arms = c.arm_configs()
         results = {
             "config": asdict(c),
             "tasks": [{"name": t.name, "metric": t.metric, "labels": t.label_names, "source": t.source,
                        "sizes": [len(t.train), len(t.validation), len(t.test)]} for t in self.tasks],
             "task_names": names,
-            "runs": runs,
-            "seconds": round(time.time() - started, 1),
+            "runs": [],
+            "expected_runs": len(c.seeds) * len(arms),
         }
+        for seed in c.seeds:
+            for arm, arm_config in arms.items():
+                config = replace(arm_config, seed=seed)
+                adapters = [self.adapter(arm, config, t) for t in self.tasks]
+                results["runs"].append(self.evaluated_arm(evaluator, arm, config, adapters))
+                self.log(f"seed {seed} {arm}: " + ", ".join(
+                    f"{r['method']} {r['test_normalised_mean']:.3f}" for r in results["runs"][-1]["merges"]))
+                results["seconds"] = round(time.time() - started, 1)
+                self._write(results)  # after every arm: an interrupted run still has a (partial) report
+        return results
+
+    def _write(self, results: dict) -> None:
         with atomic_file(self.out / "results.json") as tmp:
             tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
-        return results
+
+    def evaluated_arm(self, evaluator: TaskEvaluator, arm: str, config: TrainConfig,
+                      adapters: list[LoraAdapter]) -> dict:
+        """:meth:`evaluate_arm`, cached beside the adapters (keyed by adapters, methods, λ grid, splits)."""
+        c = self.config
+        key = _digest([[a.metadata.get("cache_key") for a in adapters], c.methods, c.lambdas, c.val_size,
+                       c.test_size, c.stats_samples, [t.test.texts[:3] for t in self.tasks]])
+        path = self.out / "evaluations" / f"seed{config.seed}" / f"{arm}.json"
+        if path.exists():
+            cached = json.loads(path.read_text())
+            if cached.get("cache_key") == key:
+                return cached["run"]
+        run = self.evaluate_arm(evaluator, arm, config, adapters)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps({"cache_key": key, "run": run}, default=float) + "\n")
+        return run
 
     # ------------------------------------------------------------ evaluation of one arm
 

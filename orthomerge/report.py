@@ -89,6 +89,8 @@ def render_markdown(results: dict, command: str = "") -> str:
         f"arms {', '.join(arms)}; seeds {seeds}; OSRM statistics from {cfg['stats_samples']} training samples "
         f"per task. λ (and nothing else) is chosen per method on the validation split from "
         f"{cfg['lambdas']}; every number below is on the test split. Wall time {results['seconds']:.0f} s.", "",
+        *([f"**Partial run: {len(results['runs'])} of {results['expected_runs']} (seed, arm) runs finished.**", ""]
+          if len(results["runs"]) < results.get("expected_runs", len(results["runs"])) else []),
         "| task | metric | train / val / test | source |", "|---|---|---|---|",
     ]
     lines += [f"| {t['name']} | {t['metric']} | {' / '.join(map(str, t['sizes']))} | {t['source']} |"

@@ -68,6 +68,7 @@ class TaskModels:
             if key not in self.models:
                 copy = _model_for_heads(model, adapter.heads, name)
                 copy.load_state_dict({**base, **adapter.heads}, strict=True)
+                copy.requires_grad_(False)   # only module outputs / coefficients are differentiated
                 self.models[key] = copy.eval()
             self.keys.append(key)
 

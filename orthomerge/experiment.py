@@ -168,8 +168,8 @@ class Experiment:
             "runs": [],
             "expected_runs": len(c.seeds) * len(arms),
         }
-        for seed in c.seeds:
-            for arm, arm_config in arms.items():
+        for arm, arm_config in arms.items():  # arms outer: an interrupted run has every seed of the first arms
+            for seed in c.seeds:
                 config = replace(arm_config, seed=seed)
                 adapters = [self.adapter(arm, config, t) for t in self.tasks]
                 results["runs"].append(self.evaluated_arm(evaluator, arm, config, adapters))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pytest
+import numpy as np
 import torch
 
 from conftest import WORDS
@@ -104,3 +105,18 @@ def test_head_of_the_wrong_size_is_a_clear_error(tiny_bert, tasks_yaml, tmp_path
                 "--task", "mood", "--train-size", "10", "--quiet", "--out", str(tmp_path / "m.json")]) == 2
     assert "head" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
+
+
+def test_paired_interval_equals_scipy_paired_t_test():
+    """The report's key-contrast interval is the paired t-test's 95% confidence interval."""
+    from scipy.stats import ttest_rel
+
+    from orthomerge.report import paired_difference
+
+    a, b = [0.91, 0.87, 0.95, 0.90], [0.88, 0.86, 0.89, 0.91]
+    got = paired_difference(a, b)
+    ci = ttest_rel(a, b).confidence_interval(0.95)
+    assert got["n"] == 4 and np.isclose(got["mean"], np.mean(np.subtract(a, b)))
+    assert np.isclose(got["low"], ci.low) and np.isclose(got["high"], ci.high)
+    one = paired_difference([0.9], [0.8])
+    assert np.isclose(one["mean"], 0.1) and np.isnan(one["low"]) and np.isnan(one["high"])

@@ -1,4 +1,5 @@
-"""Merging benchmark: orthomerge vs PEFT ``add_weighted_adapter`` on synthetic large LoRA modules.
+"""Merging benchmark: orthomerge vs PEFT ``add_weighted_adapter`` on synthetic large LoRA modules and on
+real trained MiniLM task adapters.
 
 Every measurement runs in its own subprocess (time with ``perf_counter``, peak RSS from ``getrusage``),
 on the same seeded adapters: one module of shape m×n (4096×4096, 14336×4096), T = 3 or 8 adapters, r = 16,
@@ -9,6 +10,12 @@ against a dense float64 reference of the same rule, computed after the timed par
     .venv/bin/python bench/bench_merge.py             # default plan (~10 min on 2 cores)
     .venv/bin/python bench/bench_merge.py --quick     # 1024×1024 only, seconds
     .venv/bin/python bench/bench_merge.py --write     # also replace the "## Merging" section of BENCHMARKS.md
+    .venv/bin/python bench/bench_merge.py --real runs/default/adapters/seed0/lora --write
+        # the trained task adapters in that folder (all their modules), own section "## Merging real adapters"
+
+With ``--real`` both sides merge the same factors (scale folded into B): ours from ``LoraAdapter`` objects,
+PEFT on a stand-in module holding one ``nn.Linear`` per adapted module of the real model (the merge touches
+only the LoRA layers, so the rest of the model does not enter either timing).
 """
 from __future__ import annotations
 
@@ -49,6 +56,23 @@ def make_factors(m: int, n: int, t: int):
     return [(torch.randn(m, R, generator=g) * 0.01, torch.randn(R, n, generator=g) / n**0.5) for _ in range(t)]
 
 
+def case_factors(case: dict) -> dict[str, list]:
+    """Module → ``[(s·B, A)]`` per adapter: the real adapters of ``case["adapters"]``, or seeded synthetic ones."""
+    if case.get("adapters"):
+        from orthomerge.adapters import load_adapter
+
+        adapters = [load_adapter(path) for path in case["adapters"]]
+        return {mod: [tuple(x.float() for x in ad.factors(mod)) for ad in adapters] for mod in adapters[0].modules}
+    return {MODULE: make_factors(case["m"], case["n"], case["t"])}
+
+
+def sizes_mb(factors: dict) -> tuple[float, float]:
+    """(all adapters' factors, the largest dense ΔW) in MiB of float32: the memory goal's two terms."""
+    adapters = sum(b.numel() + a.numel() for fs in factors.values() for b, a in fs) * 4 / 2**20
+    dense = max(fs[0][0].shape[0] * fs[0][1].shape[1] for fs in factors.values()) * 4 / 2**20
+    return adapters, dense
+
+
 def dense_sum(factors):
     return sum(b.double() @ a.double() for b, a in factors)
 
@@ -73,10 +97,12 @@ def dense_spectral(method: str, factors):
     return polar(torch.cat(us, 1)) @ torch.diag(torch.cat(ss)) @ polar(torch.cat(vhs, 0).T).T
 
 
-def rel(x, ref) -> float:
+def rel(got: dict, ref: dict) -> float:
+    """Relative Frobenius error over all modules together."""
     import torch
 
-    return float(torch.linalg.vector_norm(x.double() - ref) / torch.linalg.vector_norm(ref))
+    num = sum(float(torch.linalg.vector_norm(got[k].double() - ref[k].double())) ** 2 for k in ref)
+    return (num / sum(float(torch.linalg.vector_norm(ref[k].double())) ** 2 for k in ref)) ** 0.5
 
 
 def child_ours(case: dict) -> dict:
@@ -87,39 +113,43 @@ def child_ours(case: dict) -> dict:
     from orthomerge.merge.elementwise import ties_kernel
     from orthomerge.merge.registry import ModuleTask
 
-    m, n, t, method = case["m"], case["n"], case["t"], case["method"]
+    t, method = case["t"], case["method"]
     params = {"density": 0.2} if method in ("ties", "dare_ties") else {}
     if method == "dare_ties":
         params["density"] = 0.5
 
-    def adapters_of(factors):
-        return [LoraAdapter(A={MODULE: a}, B={MODULE: b}, scaling={MODULE: 1.0}) for b, a in factors]
+    def adapters_of(factors: dict):
+        return [LoraAdapter(A={mod: fs[i][1] for mod, fs in factors.items()},
+                            B={mod: fs[i][0] for mod, fs in factors.items()},
+                            scaling={mod: 1.0 for mod in factors}) for i in range(t)]
 
-    merge_adapters(adapters_of(make_factors(64, 64, t)), method, **params)   # warm-up: library code pages
-    factors = make_factors(m, n, t)
+    merge_adapters(adapters_of({MODULE: make_factors(64, 64, t)}), method, **params)   # warm-up: code pages
+    factors = case_factors(case)
     adapters = adapters_of(factors)
     base = rss_mb()
     start = time.perf_counter()
     result = merge_adapters(adapters, method, **params)
     seconds = time.perf_counter() - start
+    adapters_mb, dense_mb = sizes_mb(factors)
     out = {"time_s": seconds, "peak_mb": peak_mb() - base, "rule_s": result.report["timing"]["rule_s"],
-           "recompress_s": result.report["timing"]["recompress_s"],
-           "recompress_rel_error": result.report["total"]["rel_error"], "rank": result.merged.rank(MODULE)}
-    got = result.merged.delta(MODULE)
+           "recompress_s": result.report["timing"]["recompress_s"], "adapters_mb": adapters_mb,
+           "dense_mb": dense_mb, "recompress_rel_error": result.report["total"]["rel_error"],
+           "rank": max(result.merged.rank(mod) for mod in factors)}
+    got = {mod: result.merged.delta(mod) for mod in factors}
     if method == "task_arithmetic":
-        out["error"] = rel(got, dense_sum(factors))
+        out["error"] = rel(got, {mod: dense_sum(fs) for mod, fs in factors.items()})
     elif method in ("tsv", "iso_c") and case.get("ref"):
-        out["error"] = rel(got, dense_spectral(method, factors))
+        out["error"] = rel(got, {mod: dense_spectral(method, fs) for mod, fs in factors.items()})
     elif method == "ties":
-        task = ModuleTask(MODULE, factors, [1.0] * t)
+        tasks = [ModuleTask(mod, fs, [1.0] * t) for mod, fs in factors.items()]
         s = time.perf_counter()
-        fast = ties_kernel(task, density=0.2, select="partition")
+        fast = {task.name: ties_kernel(task, density=0.2, select="partition") for task in tasks}
         out["rule_partition_s"] = time.perf_counter() - s
         if case.get("sort", True):
             s = time.perf_counter()
-            slow = ties_kernel(task, density=0.2, select="sort")
+            slow = {task.name: ties_kernel(task, density=0.2, select="sort") for task in tasks}
             out["rule_sort_s"] = time.perf_counter() - s
-            out["partition_vs_sort_error"] = rel(fast, slow.double())
+            out["partition_vs_sort_error"] = rel(fast, slow)
     return out
 
 
@@ -128,22 +158,29 @@ def child_peft(case: dict) -> dict:
     from peft import LoraConfig, get_peft_model
     from torch import nn
 
-    m, n, t, kind = case["m"], case["n"], case["t"], case["method"]
-    factors = make_factors(m, n, t)
+    t, kind = case["t"], case["method"]
+    factors = case_factors(case)
+    attr = {mod: mod.replace(".", "_") for mod in factors}   # one Linear per adapted module
+    ranks = [fs[0][1].shape[0] for fs in zip(*factors.values())]
 
-    class One(nn.Module):
+    class Holder(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lin = nn.Linear(n, m, bias=False)
+            for mod, fs in factors.items():
+                setattr(self, attr[mod], nn.Linear(fs[0][1].shape[1], fs[0][0].shape[0], bias=False))
 
-    model = get_peft_model(One(), LoraConfig(r=R, lora_alpha=R, target_modules=[MODULE]), adapter_name="a0")
+    def config(r):
+        return LoraConfig(r=r, lora_alpha=r, target_modules=list(attr.values()))
+
+    model = get_peft_model(Holder(), config(ranks[0]), adapter_name="a0")
     for i in range(1, t):
-        model.add_adapter(f"a{i}", LoraConfig(r=R, lora_alpha=R, target_modules=[MODULE]))
-    layer = model.base_model.model.lin
+        model.add_adapter(f"a{i}", config(ranks[i]))
+    layers = {mod: getattr(model.base_model.model, attr[mod]) for mod in factors}
     with torch.no_grad():
-        for i, (b, a) in enumerate(factors):
-            layer.lora_A[f"a{i}"].weight.copy_(a)
-            layer.lora_B[f"a{i}"].weight.copy_(b)
+        for mod, fs in factors.items():
+            for i, (b, a) in enumerate(fs):
+                layers[mod].lora_A[f"a{i}"].weight.copy_(a)
+                layers[mod].lora_B[f"a{i}"].weight.copy_(b)
     names = [f"a{i}" for i in range(t)]
     kwargs = {"density": 0.2} if kind == "ties_svd" else ({"density": 0.5} if kind == "dare_ties_svd" else {})
     with torch.no_grad():   # warm-up on a tiny matrix: library code pages are not merge memory
@@ -151,17 +188,18 @@ def child_peft(case: dict) -> dict:
     base = rss_mb()
     start = time.perf_counter()
     with torch.no_grad():
-        model.add_weighted_adapter(names, [1.0] * t, "merged", combination_type=kind, svd_rank=t * R, **kwargs)
+        model.add_weighted_adapter(names, [1.0] * t, "merged", combination_type=kind, svd_rank=sum(ranks),
+                                   **kwargs)
     seconds = time.perf_counter() - start
     out = {"time_s": seconds, "peak_mb": peak_mb() - base}
-    got = layer.get_delta_weight("merged").detach()
+    got = {mod: layer.get_delta_weight("merged").detach() for mod, layer in layers.items()}
     if kind == "svd":
-        out["error"] = rel(got, dense_sum(factors))
+        out["error"] = rel(got, {mod: dense_sum(fs) for mod, fs in factors.items()})
     elif kind == "ties_svd":
         from orthomerge.merge.elementwise import ties_kernel
         from orthomerge.merge.registry import ModuleTask
 
-        ref = ties_kernel(ModuleTask(MODULE, factors, [1.0] * t), density=0.2).double()
+        ref = {mod: ties_kernel(ModuleTask(mod, fs, [1.0] * t), density=0.2) for mod, fs in factors.items()}
         out["truncation_error"] = rel(got, ref)
     return out
 
@@ -208,16 +246,16 @@ def table(rows: list[dict], peft_sizes: dict) -> str:
     pairs = [("task_arithmetic", "svd"), ("tsv", "svd"), ("iso_c", "svd"), ("ties", "ties_svd"),
              ("dare_ties", "dare_ties_svd")]
     for (m, n, t) in sorted({(r["m"], r["n"], r["t"]) for r in rows}):
-        budget = 2 * (t * (m * R + R * n) * 4 + m * n * 4) / 2**20
         for ours_name, peft_name in pairs:
             o = by.get(("ours", ours_name, m, n, t), {})
             p = by.get(("peft", peft_name, m, n, t), {})
             if not o:
                 continue
+            budget = 2 * (o["adapters_mb"] + o["dense_mb"])
             speed = o["time_s"] and p.get("time_s") and p["time_s"] / o["time_s"]
             err_o = o.get("error", o.get("recompress_rel_error") if ours_name in ("ties", "dare_ties") else None)
             err_p = p.get("error", p.get("truncation_error"))
-            lines.append(f"| {m}×{n} | {t} | {ours_name} vs {peft_name} | {fmt(o.get('time_s'))} | "
+            lines.append(f"| {o.get('label', f'{m}×{n}')} | {t} | {ours_name} vs {peft_name} | {fmt(o.get('time_s'))} | "
                          f"{fmt(p.get('time_s')) if p else 'not run'} | {fmt(speed, '.0f') + '×' if speed else 'n/a'}"
                          f" | {fmt(err_o)} | {fmt(err_p)} | {fmt(o.get('peak_mb'), '.0f')} | "
                          f"{fmt(p.get('peak_mb'), '.0f') if p else 'n/a'} | {budget:.0f} |")
@@ -226,22 +264,54 @@ def table(rows: list[dict], peft_sizes: dict) -> str:
     for r in rows:
         if r["impl"] == "ours" and r["method"] == "ties":
             sp = r.get("rule_sort_s") and r["rule_sort_s"] / r["rule_partition_s"]
-            lines.append(f"| {r['m']}×{r['n']} | {r['t']} | {fmt(r.get('rule_partition_s'))} | "
+            lines.append(f"| {r.get('label') or str(r['m']) + '×' + str(r['n'])} | {r['t']} | {fmt(r.get('rule_partition_s'))} | "
                          f"{fmt(r.get('rule_sort_s'))} | {fmt(sp, '.1f') + '×' if sp else 'n/a'} | "
                          f"{fmt(r.get('partition_vs_sort_error'))} |")
     return "\n".join(lines)
 
 
 def write_section(text: str) -> None:
+    """Replace the section of BENCHMARKS.md whose heading is the first line of ``text`` (or append it)."""
     path = ROOT / "BENCHMARKS.md"
     doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = doc.find("## Merging")
+    heading = text.splitlines()[0] + "\n"
+    start = doc.find("\n" + heading) + 1 if ("\n" + heading) in doc else -1
     if start == -1:
         doc = doc.rstrip("\n") + "\n\n" + text + "\n"
     else:
         nxt = doc.find("\n## ", start + 1)
         doc = doc[:start] + text + ("\n" + doc[nxt + 1:] if nxt != -1 else "\n")
     path.write_text(doc)
+
+
+def bench_real(folder: Path, write: bool) -> None:
+    """Ours vs PEFT on every module of the real adapters in ``folder``'s subfolders, one run."""
+    paths = sorted(str(p) for p in folder.iterdir() if (p / "adapter_config.json").is_file())
+    if len(paths) < 2:
+        sys.exit(f"{folder}: needs at least two adapter folders (subfolders with adapter_config.json)")
+    factors = case_factors({"adapters": paths})
+    (b, a) = next(iter(factors.values()))[0]
+    label = f"real: {len(factors)} modules {b.shape[0]}×{a.shape[1]}, r = {a.shape[0]}"
+    case = {"adapters": paths, "m": b.shape[0], "n": a.shape[1], "t": len(paths), "label": label, "ref": True}
+    rows, start = [], time.perf_counter()
+    for method in ("task_arithmetic", "tsv", "iso_c", "dare_ties", "ties"):
+        rows.append(measure("ours", method, **case))
+    for kind in ("svd", "ties_svd", "dare_ties_svd"):
+        rows.append(measure("peft", kind, **case))
+    total = time.perf_counter() - start
+    failed = [r for r in rows if "failed" in r]
+    text = table([r for r in rows if "failed" not in r], {})
+    print("\n" + text + "".join(f"\nfailed: {r['impl']} {r['method']}: {r['failed']}" for r in failed))
+    if write:
+        import torch
+
+        names = ", ".join(Path(p).name for p in paths)
+        head = (f"## Merging real adapters\n\nGenerated by `bench/bench_merge.py --real {folder} --threads "
+                f"{THREADS} --write` on {platform.machine()} with {os.cpu_count()} CPUs, torch {torch.__version__};"
+                f" total {total:.0f} s. The trained task adapters {names} (all their modules, weights 1); PEFT "
+                f"`add_weighted_adapter` with `svd_rank = Σr` on the same factors. Errors against dense float64 "
+                f"references of each rule over all modules together.\n\n")
+        write_section(head + text)
 
 
 def main() -> None:
@@ -252,6 +322,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=THREADS,
                     help="BLAS/OpenMP threads per measurement, both sides (1 is steadier on a shared machine)")
     ap.add_argument("--no-peft-t8", action="store_true", help="skip PEFT at 4096×4096, T = 8 (saves ~2 min)")
+    ap.add_argument("--real", metavar="DIR",
+                    help="instead: merge the trained PEFT adapters in DIR's subfolders (e.g. an experiment's)")
     args = ap.parse_args()
     globals()["THREADS"] = args.threads
     if args.child:
@@ -259,6 +331,8 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         print(json.dumps(child_ours(case) if case["impl"] == "ours" else child_peft(case)))
         return
+    if args.real:
+        return bench_real(Path(args.real), args.write)
     shapes, peft = plan(args.quick)
     if args.no_peft_t8:
         peft.pop((4096, 4096, 8), None)

@@ -102,6 +102,12 @@ def render_markdown(results: dict, command: str = "") -> str:
         row = [mean_std([per_seed[sd][n] for sd in per_seed]) for n in names]
         row.append(mean_std([np.mean([per_seed[sd][n] for n in names]) for sd in per_seed]))
         lines.append(f"| {arm} | " + " | ".join(row) + " |")
+    failed = [f"{arm} seed {sd} {n}" for arm in arms for sd, scores in s["single"][arm].items()
+              for n in names if not scores[n]]
+    if failed:
+        lines += ["", f"**Own adapter scored 0 on its test split** (training did not learn the task, e.g. F1 0 "
+                  f"from predicting one class): {', '.join(failed)}. Normalised scores are undefined for those "
+                  f"(÷ 0), so that run's normalised mean is over the other tasks."]
     lines += ["", "## Merged: normalised test score (merged ÷ the task's own adapter, mean over tasks)", "",
               "`heads_only` is the base model with each task's trained head and no LoRA update: a merge that "
               "does not beat it adds nothing.", "",

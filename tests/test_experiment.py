@@ -56,6 +56,13 @@ def test_experiment_writes_every_output_and_reuses_cache(tiny_bert, tasks_yaml, 
             if merge["val_curve"]:
                 best = max(merge["val_curve"].values())
                 assert merge["val_curve"][str(merge["lambda"])] == best  # λ chosen on validation
+    from orthomerge.report import render_markdown
+
+    assert "scored 0" not in report
+    failed = json.loads(json.dumps(results))
+    task, run = failed["task_names"][0], failed["runs"][0]
+    run["single"]["test"][task] = 0.0   # an own adapter that learned nothing is named in the report
+    assert f"{run['arm']} seed {run['seed']} {task}" in render_markdown(failed)
 
     import orthomerge.experiment as experiment
 

@@ -67,10 +67,17 @@ def contrasts(summary: dict, arms: list[str]) -> list[tuple[str, str, str, dict]
             continue
         for a, b in CONTRASTS:
             if a in arms and b in arms and a in cells and b in cells:
-                seeds = sorted(set(cells[a]["norm"]) & set(cells[b]["norm"]))
-                out.append((method, a, b, paired_difference([cells[a]["norm"][s] for s in seeds],
-                                                            [cells[b]["norm"][s] for s in seeds])))
+                seeds = sorted(set(cells[a]["tasks"]) & set(cells[b]["tasks"]))
+                pairs = [_common_means(cells[a]["tasks"][s], cells[b]["tasks"][s]) for s in seeds]
+                out.append((method, a, b, paired_difference([x for x, _ in pairs], [y for _, y in pairs])))
     return out
+
+
+def _common_means(x: dict, y: dict) -> tuple[float, float]:
+    """Means of two arms' per-task normalised scores over the tasks both define, so a paired difference
+    compares the same tasks (a task whose own adapter scored 0 has no normalised score)."""
+    keys = [k for k in x if x[k] is not None and y.get(k) is not None and np.isfinite(x[k]) and np.isfinite(y[k])]
+    return float(np.mean([x[k] for k in keys])), float(np.mean([y[k] for k in keys]))
 
 
 def render_markdown(results: dict, command: str = "") -> str:
@@ -119,7 +126,8 @@ def render_markdown(results: dict, command: str = "") -> str:
         lines.append(f"| {method} | " + " | ".join(row) + " | " + ", ".join(lams) + " |")
     diffs = contrasts(s, arms)
     if diffs:
-        lines += ["", "## Key contrasts (paired over seeds, normalised test score, 95% t-interval)", "",
+        lines += ["", "## Key contrasts (paired over seeds, normalised test score over the tasks both arms define, "
+                  "95% t-interval)", "",
                   "| method | contrast | difference |", "|---|---|---|"]
         lines += [f"| {m} | {a} − {b} | {_fmt_diff(d)} |" for m, a, b, d in diffs]
         lines += ["", *verdicts(diffs, s, arms, names)]

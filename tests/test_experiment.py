@@ -127,3 +127,16 @@ def test_paired_interval_equals_scipy_paired_t_test():
     assert np.isclose(got["low"], ci.low) and np.isclose(got["high"], ci.high)
     one = paired_difference([0.9], [0.8])
     assert np.isclose(one["mean"], 0.1) and np.isnan(one["low"]) and np.isnan(one["high"])
+
+
+def test_contrasts_compare_the_same_tasks():
+    """A task without a normalised score in one arm (its own adapter scored 0) is left out of both sides."""
+    from orthomerge.report import contrasts
+
+    nan = float("nan")
+    tasks = {"osrm": {0: {"a": 0.9, "b": 0.7}, 1: {"a": 0.8, "b": 0.6}},
+             "lora": {0: {"a": 0.8, "b": nan}, 1: {"a": 0.7, "b": 0.7}}}
+    summary = {"table": {"task_arithmetic": {arm: {"tasks": t} for arm, t in tasks.items()}}}
+    ((method, a, b, diff),) = contrasts(summary, ["lora", "osrm"])
+    assert (method, a, b, diff["n"]) == ("task_arithmetic", "osrm", "lora", 2)
+    assert np.isclose(diff["mean"], np.mean([0.9 - 0.8, 0.7 - 0.7]))   # seed 0 over task a only

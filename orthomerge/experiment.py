@@ -94,8 +94,9 @@ def _digest(obj) -> str:
 class Experiment:
     """Runs :class:`ExperimentConfig` into ``out``; every stage caches what it can reuse."""
 
-    def __init__(self, config: ExperimentConfig, out: str | Path, progress: bool = True):
-        self.config, self.out, self.progress = config, Path(out), progress
+    def __init__(self, config: ExperimentConfig, out: str | Path, progress: bool = True, command: str = ""):
+        """``command``: how the run was started, kept in results.json for the report's "Made by"."""
+        self.config, self.out, self.progress, self.command = config, Path(out), progress, command
         self.tasks: list[Task] = []
         self.stats: dict[str, ActivationStats] = {}
         self.heldout: dict[str, ActivationStats] = {}
@@ -162,6 +163,7 @@ class Experiment:
         names = [t.name for t in self.tasks]
         arms = c.arm_configs()
         results = {
+            "command": self.command,
             "config": asdict(c),
             "tasks": [{"name": t.name, "metric": t.metric, "labels": t.label_names, "source": t.source,
                        "sizes": [len(t.train), len(t.validation), len(t.test)]} for t in self.tasks],

@@ -80,15 +80,15 @@ def _common_means(x: dict, y: dict) -> tuple[float, float]:
     return float(np.mean([x[k] for k in keys])), float(np.mean([y[k] for k in keys]))
 
 
-def render_markdown(results: dict, command: str = "") -> str:
+def render_markdown(results: dict) -> str:
     cfg = results["config"]
     arms = list(dict.fromkeys(r["arm"] for r in results["runs"]))
     seeds = sorted({r["seed"] for r in results["runs"]})
     s = summarise(results)
     names = results["task_names"]
     lines = ["# orthomerge experiment report", ""]
-    if command:
-        lines += ["Made by:", "", "```", command, "```", ""]
+    if results.get("command"):
+        lines += ["Made by:", "", "```", results["command"], "```", ""]
     train = cfg["train"]
     lines += [
         f"Model `{cfg['model']}`; LoRA r={train['rank']}, α={train['alpha']} on {', '.join(train['targets'])}; "
@@ -316,7 +316,7 @@ def render_plots(results: dict, out: Path) -> list[Path]:
     return paths
 
 
-def write_report(results_path: str | Path, command: str = "") -> Path:
+def write_report(results_path: str | Path) -> Path:
     results_path = Path(results_path)
     try:
         results = json.loads(results_path.read_text())
@@ -325,5 +325,5 @@ def write_report(results_path: str | Path, command: str = "") -> Path:
     out = results_path.parent
     render_plots(results, out)
     with atomic_file(out / "report.md") as tmp:
-        tmp.write_text(render_markdown(results, command))
+        tmp.write_text(render_markdown(results))
     return out / "report.md"

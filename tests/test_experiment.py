@@ -51,6 +51,7 @@ def test_experiment_writes_every_output_and_reuses_cache(tiny_bert, tasks_yaml, 
     assert methods == ["heads_only", "task_arithmetic", "ties", "regmean", "emr"]
     report = (out / "report.md").read_text()
     assert "osrm − lora" in report and "task_arithmetic" in report
+    assert "orthomerge " + " ".join(args[:3]) in report   # how it was made, kept for re-rendering
     for run in results["runs"]:
         for merge in run["merges"]:
             if merge["val_curve"]:

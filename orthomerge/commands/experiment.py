@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 
 from . import add_common
 
@@ -67,8 +66,9 @@ def run_experiment(args) -> None:
     from ..experiment import Experiment
     from ..report import write_report
 
-    Experiment(build_config(args), args.out, progress=not args.quiet).run()
-    report = write_report(f"{args.out}/results.json", "orthomerge " + shlex.join(sys.argv[1:]))
+    Experiment(build_config(args), args.out, progress=not args.quiet,
+               command="orthomerge " + shlex.join(args.argv)).run()
+    report = write_report(f"{args.out}/results.json")
     if not args.quiet:
         print(f"wrote {report} (and results.json, lambda_curves.png, per_task.png, interference.png)")
 

@@ -90,12 +90,16 @@ def render_markdown(results: dict) -> str:
     if results.get("command"):
         lines += ["Made by:", "", "```", results["command"], "```", ""]
     train = cfg["train"]
+    wall = f"Wall time {results['seconds']:.0f} s."
+    if results.get("reused_runs"):
+        wall = (f"Wall time {results['seconds']:.0f} s, with {results['reused_runs']} of {len(results['runs'])} "
+                f"(seed, arm) runs reused from an earlier invocation's cache (not the cost of the whole run).")
     lines += [
         f"Model `{cfg['model']}`; LoRA r={train['rank']}, α={train['alpha']} on {', '.join(train['targets'])}; "
         f"lr {train['lr']}, {train['epochs']} epochs, batch {train['batch_size']}, max length {train['max_length']}; "
         f"arms {', '.join(arms)}; seeds {seeds}; OSRM statistics from {cfg['stats_samples']} training samples "
         f"per task. λ (and nothing else) is chosen per method on the validation split from "
-        f"{cfg['lambdas']}; every number below is on the test split. Wall time {results['seconds']:.0f} s.", "",
+        f"{cfg['lambdas']}; every number below is on the test split. {wall}", "",
         *([f"**Partial run: {len(results['runs'])} of {results['expected_runs']} (seed, arm) runs finished.**", ""]
           if len(results["runs"]) < results.get("expected_runs", len(results["runs"])) else []),
         "| task | metric | train / val / test | source |", "|---|---|---|---|",

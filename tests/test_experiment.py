@@ -73,6 +73,10 @@ def test_experiment_writes_every_output_and_reuses_cache(tiny_bert, tasks_yaml, 
     monkeypatch.setattr(experiment, "train_adapter", no_training)
     assert cli(args + ["--methods", "task_arithmetic"]) == 0
     again = json.loads((out / "results.json").read_text())
+    assert again["reused_runs"] == 0   # other methods: adapters reused, evaluations redone
+    assert cli(args + ["--methods", "task_arithmetic"]) == 0
+    third = json.loads((out / "results.json").read_text())
+    assert third["reused_runs"] == len(third["runs"]) and "reused from an earlier" in (out / "report.md").read_text()
     assert [r["single"] for r in again["runs"]] == [r["single"] for r in results["runs"]]
 
 

@@ -32,7 +32,8 @@ def register(sub) -> None:
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--study", action="store_true",
                    help="the OSRM comparison: arms lora, osrm, orthogonal, lora-unit, osrm with frozen A, "
-                        "subspace-constrained, regularised and β tie-break; 3 seeds, 4 short-text tasks")
+                        "subspace-constrained, regularised, β tie-break, β with frozen A; 3 seeds, "
+                        "4 short-text tasks")
     p.set_defaults(func=run_experiment)
 
     r = sub.add_parser("report", help="re-render report.md and plots from a results.json")

@@ -12,6 +12,7 @@ from .errors import OrthomergeError, atomic_file
 from .evaluate import off_diagonal_mean
 
 CONTRASTS = [("osrm", "lora"), ("osrm", "orthogonal"), ("orthogonal", "lora"), ("lora-unit", "lora")]
+INIT_ARMS = {"lora", "osrm", "orthogonal", "lora-unit"}   # every other arm is a training option on top
 
 
 def _t95(n: int) -> float:
@@ -60,16 +61,18 @@ def summarise(results: dict) -> dict:
 
 
 def contrasts(summary: dict, arms: list[str]) -> list[tuple[str, str, str, dict]]:
-    """(method, arm a, arm b, paired difference) for the key contrasts present in the run."""
+    """(method, arm a, arm b, paired difference) for the key contrasts present in the run, and each extra
+    arm against standard LoRA and against plain OSRM."""
+    pairs = CONTRASTS + [(a, b) for a in arms if a not in INIT_ARMS for b in ("lora", "osrm")]
     out = []
     for method, cells in summary["table"].items():
         if method == "heads_only":
             continue
-        for a, b in CONTRASTS:
+        for a, b in pairs:
             if a in arms and b in arms and a in cells and b in cells:
                 seeds = sorted(set(cells[a]["tasks"]) & set(cells[b]["tasks"]))
-                pairs = [_common_means(cells[a]["tasks"][s], cells[b]["tasks"][s]) for s in seeds]
-                out.append((method, a, b, paired_difference([x for x, _ in pairs], [y for _, y in pairs])))
+                means = [_common_means(cells[a]["tasks"][s], cells[b]["tasks"][s]) for s in seeds]
+                out.append((method, a, b, paired_difference([x for x, _ in means], [y for _, y in means])))
     return out
 
 
@@ -132,8 +135,12 @@ def render_markdown(results: dict) -> str:
     if diffs:
         lines += ["", "## Key contrasts (paired over seeds, normalised test score over the tasks both arms define, "
                   "95% t-interval)", "",
-                  "| method | contrast | difference |", "|---|---|---|"]
-        lines += [f"| {m} | {a} − {b} | {_fmt_diff(d)} |" for m, a, b, d in diffs]
+                  "| contrast | " + " | ".join(dict.fromkeys(m for m, *_ in diffs)) + " |",
+                  "|---|" + "---|" * len(dict.fromkeys(m for m, *_ in diffs))]
+        by_pair = defaultdict(list)
+        for m, a, b, d in diffs:
+            by_pair[f"{a} − {b}"].append(_fmt_diff(d))
+        lines += [f"| {pair} | " + " | ".join(cells) + " |" for pair, cells in by_pair.items()]
         lines += ["", *verdicts(diffs, s, arms, names)]
     lines += ["", "## Interference diagnostics (held-out validation inputs)", "",
               "`ΔW ratio`: mean off-diagonal ‖ΔW_j X_iᵀ‖ / ‖ΔW_i X_iᵀ‖ of the trained adapters, with X_i from the "

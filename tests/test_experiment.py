@@ -141,7 +141,11 @@ def test_contrasts_compare_the_same_tasks():
     nan = float("nan")
     tasks = {"osrm": {0: {"a": 0.9, "b": 0.7}, 1: {"a": 0.8, "b": 0.6}},
              "lora": {0: {"a": 0.8, "b": nan}, 1: {"a": 0.7, "b": 0.7}}}
-    summary = {"table": {"task_arithmetic": {arm: {"tasks": t} for arm, t in tasks.items()}}}
-    ((method, a, b, diff),) = contrasts(summary, ["lora", "osrm"])
-    assert (method, a, b, diff["n"]) == ("task_arithmetic", "osrm", "lora", 2)
-    assert np.isclose(diff["mean"], np.mean([0.9 - 0.8, 0.7 - 0.7]))   # seed 0 over task a only
+    tasks["osrm-freezeA"] = tasks["osrm"]
+    summary = {"table": {m: {arm: {"tasks": t} for arm, t in tasks.items()} for m in ("task_arithmetic", "ties")}}
+    diffs = {(m, a, b): d for m, a, b, d in contrasts(summary, ["lora", "osrm", "osrm-freezeA"])}
+    pairs = [("osrm", "lora"), ("osrm-freezeA", "lora"), ("osrm-freezeA", "osrm")]   # extra arms vs both
+    assert set(diffs) == {(m, a, b) for m in ("task_arithmetic", "ties") for a, b in pairs}
+    diff = diffs["ties", "osrm", "lora"]
+    assert diff["n"] == 2 and np.isclose(diff["mean"], np.mean([0.9 - 0.8, 0.7 - 0.7]))   # seed 0: task a only
+    assert diffs["ties", "osrm-freezeA", "osrm"]["mean"] == 0.0

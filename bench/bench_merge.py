@@ -256,7 +256,7 @@ def table(rows: list[dict], peft_sizes: dict) -> str:
             err_o = o.get("error", o.get("recompress_rel_error") if ours_name in ("ties", "dare_ties") else None)
             err_p = p.get("error", p.get("truncation_error"))
             lines.append(f"| {o.get('label', f'{m}×{n}')} | {t} | {ours_name} vs {peft_name} | {fmt(o.get('time_s'))} | "
-                         f"{fmt(p.get('time_s')) if p else 'not run'} | {fmt(speed, '.0f') + '×' if speed else 'n/a'}"
+                         f"{fmt(p.get('time_s')) if p else 'not run'} | {fmt(speed, '.1f' if speed < 10 else '.0f') + '×' if speed else 'n/a'}"
                          f" | {fmt(err_o)} | {fmt(err_p)} | {fmt(o.get('peak_mb'), '.0f')} | "
                          f"{fmt(p.get('peak_mb'), '.0f') if p else 'n/a'} | {budget:.0f} |")
     lines += ["", "TIES trim by selection vs full sort (the rule only, no re-compression):", "",

@@ -169,7 +169,7 @@ def render_markdown(results: dict) -> str:
             cells = [mean_std([r["interference_per_module"][m] for r in results["runs"] if r["arm"] == arm])
                      for arm in arms]
             lines.append(f"| {_short(m)} | " + " | ".join(cells) + " |")
-    lines += study_section(s, arms, names)
+    lines += study_section(s, arms, names, diffs)
     lines += ["", "Plots: `lambda_curves.png` (validation normalised score vs λ), `per_task.png`, "
               "`interference.png`.", ""]
     return "\n".join(lines)
@@ -190,7 +190,7 @@ def _short(module: str) -> str:
     return f"layer {layer} {parts[-1]}"
 
 
-def study_section(summary: dict, arms: list[str], names: list[str]) -> list[str]:
+def study_section(summary: dict, arms: list[str], names: list[str], diffs: list) -> list[str]:
     """Which arm gives the best merged score with single-task quality within 1 point of standard LoRA,
     and how much of OSRM's gain is scale (orthogonal − lora) and how much subspace (osrm − orthogonal)."""
     if not {"lora", "osrm", "orthogonal"} <= set(arms):
@@ -198,15 +198,14 @@ def study_section(summary: dict, arms: list[str], names: list[str]) -> list[str]
     single = {arm: [np.mean([summary["single"][arm][sd][n] for n in names]) for sd in sorted(summary["single"][arm])]
               for arm in arms}
     lora_single = np.mean(single["lora"])
-    lines = ["", "## Subspace or scale? (normalised test score, mean over seeds)", "",
+    lines = ["", "## Subspace or scale? (normalised test score, the paired contrasts' means)", "",
              "| method | osrm − lora | = scale: orthogonal − lora | + subspace: osrm − orthogonal |",
              "|---|---|---|---|"]
-    for method, cells in summary["table"].items():
-        if method == "heads_only" or not {"lora", "osrm", "orthogonal"} <= set(cells):
-            continue
-        mean = {a: np.mean(list(cells[a]["norm"].values())) for a in ("lora", "osrm", "orthogonal")}
-        lines.append(f"| {method} | {mean['osrm'] - mean['lora']:+.3f} | {mean['orthogonal'] - mean['lora']:+.3f} | "
-                     f"{mean['osrm'] - mean['orthogonal']:+.3f} |")
+    diff = {(m, a, b): d["mean"] for m, a, b, d in diffs}
+    parts = [("osrm", "lora"), ("orthogonal", "lora"), ("osrm", "orthogonal")]
+    for method in dict.fromkeys(m for m, *_ in diffs):
+        if all((method, a, b) in diff for a, b in parts):
+            lines.append(f"| {method} | " + " | ".join(f"{diff[method, a, b]:+.3f}" for a, b in parts) + " |")
     lines += ["", "Arms ranked by task-arithmetic normalised score; `eligible` = single-task mean within 1 point "
               "(0.01) of standard LoRA's.", "",
               "| arm | single-task mean | Δ vs lora | task arithmetic | best method (score) | eligible |",

@@ -64,6 +64,12 @@ def test_experiment_writes_every_output_and_reuses_cache(tiny_bert, tasks_yaml, 
     task, run = failed["task_names"][0], failed["runs"][0]
     run["single"]["test"][task] = 0.0   # an own adapter that learned nothing is named in the report
     assert f"{run['arm']} seed {run['seed']} {task}" in render_markdown(failed)
+    control = json.loads(json.dumps(results))   # a copy of LoRA as the orthogonal control: no scale effect
+    control["runs"] += [{**r, "arm": "orthogonal"} for r in control["runs"] if r["arm"] == "lora"]
+    study = render_markdown(control)
+    ta = next(line for line in study.split("## Subspace or scale?")[1].splitlines() if "task_arithmetic" in line)
+    osrm_lora, scale, subspace = (float(x) for x in ta.strip("| ").split(" | ")[1:])
+    assert scale == 0.0 and subspace == osrm_lora
 
     import orthomerge.experiment as experiment
 

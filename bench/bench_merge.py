@@ -161,7 +161,7 @@ def child_peft(case: dict) -> dict:
     t, kind = case["t"], case["method"]
     factors = case_factors(case)
     attr = {mod: mod.replace(".", "_") for mod in factors}   # one Linear per adapted module
-    ranks = [fs[0][1].shape[0] for fs in zip(*factors.values())]
+    ranks = [modules[0][1].shape[0] for modules in zip(*factors.values())]   # per adapter: rank of its A
 
     class Holder(nn.Module):
         def __init__(self):

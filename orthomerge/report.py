@@ -133,10 +133,10 @@ def render_markdown(results: dict) -> str:
         lines.append(f"| {method} | " + " | ".join(row) + " | " + ", ".join(lams) + " |")
     diffs = contrasts(s, arms)
     if diffs:
+        methods = list(dict.fromkeys(m for m, *_ in diffs))
         lines += ["", "## Key contrasts (paired over seeds, normalised test score over the tasks both arms define, "
                   "95% t-interval)", "",
-                  "| contrast | " + " | ".join(dict.fromkeys(m for m, *_ in diffs)) + " |",
-                  "|---|" + "---|" * len(dict.fromkeys(m for m, *_ in diffs))]
+                  "| contrast | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
         by_pair = defaultdict(list)
         for m, a, b, d in diffs:
             by_pair[f"{a} − {b}"].append(_fmt_diff(d))

@@ -5,7 +5,9 @@ so plain ``peft.PeftModel.from_pretrained`` loads what orthomerge writes. orthom
 (how an adapter was initialised or merged) goes to ``orthomerge.json``, which PEFT ignores.
 
 Per module the update is ``ΔW = s · B @ A`` with ``A`` [r, n], ``B`` [m, r] and ``s = α/r``
-(``α/√r`` with rsLoRA), ``r``/``α`` resolved through ``rank_pattern``/``alpha_pattern``.
+(``α/√r`` with rsLoRA), ``r``/``α`` resolved through ``rank_pattern``/``alpha_pattern``. Biases: with
+``lora_bias=True`` the update adds ``s · b`` (``lora_B.bias``); with ``bias='lora_only'|'all'`` the adapter
+stores trained absolute biases, whose change against the base is the update.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import OrthomergeError, atomic_dir
+from .errors import OrthomergeError
+from .outputs import atomic_dir, check_output
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -30,12 +33,15 @@ META_NAME = "orthomerge.json"
 INIT_NAME = "orthomerge_init.safetensors"  # initial A per module, for drift diagnostics; PEFT ignores it
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
-_UNSUPPORTED = ("lora_embedding_", "lora_magnitude_vector", "lora_bias")
+_LORA_BIAS_KEY = re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$")
+_UNSUPPORTED = ("lora_embedding_", "lora_magnitude_vector")
+# Inits that change the base weights (the adapter is relative to W₀ − ΔW₀, not W₀); PEFT converts them.
+RESIDUAL_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 # adapter_config keys written for a LoRA adapter; unknown keys break older PEFT versions.
 _CONFIG_KEYS = (
     "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "use_rslora",
     "rank_pattern", "alpha_pattern", "target_modules", "modules_to_save", "bias", "fan_in_fan_out",
-    "init_lora_weights", "inference_mode",
+    "init_lora_weights", "inference_mode", "lora_bias",
 )
 
 
@@ -67,6 +73,17 @@ class LoraAdapter:
     metadata: dict = field(default_factory=dict)
     path: Path | None = None
     initial_A: dict[str, torch.Tensor] | None = None  # A at initialisation (drift diagnostics)
+    lora_bias: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> lora_B bias (times s)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)     # model bias name -> trained value
+
+    @property
+    def task_type(self) -> str | None:
+        """PEFT's task type (``SEQ_CLS``, ``CAUSAL_LM``, …; ``None`` for a bare model)."""
+        return self.config.get("task_type")
+
+    @property
+    def has_biases(self) -> bool:
+        return bool(self.lora_bias or self.biases)
 
     @property
     def modules(self) -> list[str]:
@@ -98,13 +115,15 @@ class LoraAdapter:
 
     @classmethod
     def from_factors(cls, B: dict, A: dict, heads: dict | None = None, base: "LoraAdapter | None" = None,
-                     metadata: dict | None = None) -> "LoraAdapter":
+                     metadata: dict | None = None, lora_bias: dict | None = None,
+                     biases: dict | None = None) -> "LoraAdapter":
         """A scaling-1 adapter (``r = lora_alpha`` per module, the merged-adapter convention)."""
         config = {k: v for k, v in (base.config if base else {}).items()
-                  if k in ("task_type", "base_model_name_or_path", "modules_to_save", "target_modules")}
+                  if k in ("task_type", "base_model_name_or_path", "modules_to_save", "bias")}
         config["use_rslora"] = False
         return cls(A=dict(A), B=dict(B), scaling={m: 1.0 for m in A}, heads=dict(heads or {}),
-                   config=config, metadata=dict(metadata or {}))
+                   config=config, metadata=dict(metadata or {}), lora_bias=dict(lora_bias or {}),
+                   biases=dict(biases or {}))
 
 
 # ---------------------------------------------------------------- reading
@@ -145,22 +164,40 @@ def load_adapter(path: str | Path) -> LoraAdapter:
         raise OrthomergeError(f"{path / CONFIG_NAME}: peft_type {config['peft_type']!r} is not LORA")
     if config.get("use_dora"):
         raise OrthomergeError(f"{path / CONFIG_NAME}: DoRA adapters are not supported")
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(RESIDUAL_INITS):
+        raise OrthomergeError(
+            f"{path / CONFIG_NAME}: init_lora_weights={config['init_lora_weights']!r} changed the base weights, "
+            "so this adapter is not relative to the original model; convert it to a standard LoRA with PEFT's "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=<initial adapter>) and merge that")
     if "r" not in config or "lora_alpha" not in config:
         raise OrthomergeError(f"{path / CONFIG_NAME}: needs 'r' and 'lora_alpha'")
     tensors = read_safetensors(weights)
     heads_names = list(config.get("modules_to_save") or [])
-    A, B, heads = {}, {}, {}
+    bias_mode = config.get("bias", "none") or "none"
+    A, B, heads, lora_bias, biases = {}, {}, {}, {}, {}
     for key, value in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         if any(tag in name for tag in _UNSUPPORTED):
-            raise OrthomergeError(f"{weights}: key {key!r} is an unsupported LoRA variant (embedding/DoRA/bias)")
+            raise OrthomergeError(f"{weights}: key {key!r} is an unsupported LoRA variant (embedding/DoRA)")
         match = _LORA_KEY.match(name)
+        bias_match = _LORA_BIAS_KEY.match(name)
         if match:
             (A if match["which"] == "A" else B)[match["module"]] = value
+        elif bias_match:
+            lora_bias[bias_match["module"]] = value
+        elif ".original_module." in name or ".modules_to_save." in name:
+            continue   # bias='all' also saves the wrapped head's copies; the head itself is kept below
         elif any(name == h or name.startswith(h + ".") or f".{h}." in f".{name}" for h in heads_names):
             heads[name] = value
+        elif bias_mode != "none" and name.endswith(".bias"):
+            biases[name.replace(".base_layer.", ".")] = value
         else:
-            raise OrthomergeError(f"{weights}: key {key!r} is neither a LoRA factor nor in modules_to_save")
+            raise OrthomergeError(f"{weights}: key {key!r} is neither a LoRA factor, a bias of bias={bias_mode!r} "
+                                  "nor in modules_to_save")
+    stray = sorted(set(lora_bias) - set(B))
+    if stray:
+        raise OrthomergeError(f"{weights}: {stray[0]}.lora_B.bias has no lora_B weight")
     if set(A) != set(B):
         odd = sorted(set(A) ^ set(B))[0]
         raise OrthomergeError(f"{weights}: module {odd!r} has only one of lora_A/lora_B")
@@ -176,15 +213,19 @@ def load_adapter(path: str | Path) -> LoraAdapter:
                 f"do not match rank {r} from {CONFIG_NAME}"
             )
         scaling[module] = lora_scaling(alpha, r, bool(config.get("use_rslora")))
+    for m, b in lora_bias.items():
+        if b.shape != (B[m].shape[0],):
+            raise OrthomergeError(f"{weights}: {m}.lora_B.bias is {tuple(b.shape)}, lora_B has "
+                                  f"{B[m].shape[0]} outputs")
     for name, t in {**{f"{m}.lora_A": v for m, v in A.items()}, **{f"{m}.lora_B": v for m, v in B.items()},
-                    **heads}.items():
+                    **{f"{m}.lora_B.bias": v for m, v in lora_bias.items()}, **biases, **heads}.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise OrthomergeError(f"{weights}: {name} contains NaN or Inf")
     meta_path = path / META_NAME
     metadata = _read_json(meta_path) if meta_path.exists() else {}
     initial_A = read_safetensors(path / INIT_NAME) if (path / INIT_NAME).exists() else None
     return LoraAdapter(A=A, B=B, scaling=scaling, heads=heads, config=config, metadata=metadata, path=path,
-                       initial_A=initial_A)
+                       initial_A=initial_A, lora_bias=lora_bias, biases=biases)
 
 
 def validate_adapter(adapter: LoraAdapter, model: nn.Module, where: str | Path | None = None,
@@ -205,6 +246,10 @@ def validate_adapter(adapter: LoraAdapter, model: nn.Module, where: str | Path |
                 f"{module.out_features}×{module.in_features}"
             )
     state = model.state_dict()
+    for key, value in adapter.biases.items():
+        if key not in state or state[key].shape != value.shape:
+            raise OrthomergeError(f"{where}: bias {key!r} {tuple(value.shape)} has no counterpart of that shape "
+                                  "in the base model")
     for key, value in adapter.heads.items() if heads else ():
         if key not in state:
             raise OrthomergeError(f"{where}: head tensor {key!r} has no counterpart in the base model")
@@ -230,8 +275,8 @@ def peft_config_dict(adapter: LoraAdapter) -> dict:
     (r, alpha), _ = Counter(pairs.values()).most_common(1)[0]
     rank_pattern = {m: p[0] for m, p in pairs.items() if p[0] != r}
     alpha_pattern = {m: p[1] for m, p in pairs.items() if p[1] != alpha}
-    # Suffix list, as PEFT's list form; modules it matches but the adapter lacks get B = 0 (no effect).
-    targets = sorted({m.split(".")[-1] for m in adapter.modules})
+    # Exactly the modules held (full names): PEFT then expects no key the adapter lacks.
+    targets = sorted(adapter.modules)
     config = {
         "peft_type": "LORA",
         "task_type": adapter.config.get("task_type", "SEQ_CLS"),
@@ -244,7 +289,8 @@ def peft_config_dict(adapter: LoraAdapter) -> dict:
         "alpha_pattern": alpha_pattern,
         "target_modules": targets,
         "modules_to_save": adapter.config.get("modules_to_save") or None,
-        "bias": "none",
+        "bias": (adapter.config.get("bias") or "none") if adapter.biases else "none",
+        "lora_bias": bool(adapter.lora_bias),
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -254,14 +300,21 @@ def peft_config_dict(adapter: LoraAdapter) -> dict:
     return config
 
 
-def save_adapter(adapter: LoraAdapter, out: str | Path) -> Path:
-    """Write a PEFT folder atomically (temporary folder, renamed at the end). Returns the folder."""
-    out = Path(out)
+def save_adapter(adapter: LoraAdapter, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a PEFT folder atomically (see :mod:`orthomerge.outputs`: an existing non-empty ``out`` is
+    replaced only with ``overwrite`` and only when orthomerge wrote it). Returns the folder."""
+    out = check_output(out, overwrite=overwrite)
     config = peft_config_dict(adapter)
     tensors = {}
     for m in adapter.modules:
         tensors[f"{PREFIX}{m}.lora_A.weight"] = adapter.A[m].contiguous()
         tensors[f"{PREFIX}{m}.lora_B.weight"] = adapter.B[m].contiguous()
+    for m, b in adapter.lora_bias.items():
+        tensors[f"{PREFIX}{m}.lora_B.bias"] = b.contiguous()
+    for name, b in adapter.biases.items():
+        module = name.rsplit(".", 1)[0]
+        key = f"{module}.base_layer.bias" if module in adapter.A else name
+        tensors[f"{PREFIX}{key}"] = b.contiguous()
     for key, value in adapter.heads.items():
         tensors[f"{PREFIX}{key}"] = value.contiguous()
     with atomic_dir(out) as tmp:
@@ -320,7 +373,7 @@ def from_peft_model(peft_model, metadata: dict | None = None) -> LoraAdapter:
         else:
             heads[key] = value
     config = {k: (list(v) if isinstance(v, set) else v) for k, v in cfg.to_dict().items() if k in _CONFIG_KEYS}
-    config["task_type"] = str(getattr(cfg.task_type, "value", cfg.task_type))
+    config["task_type"] = None if cfg.task_type is None else str(getattr(cfg.task_type, "value", cfg.task_type))
     scaling = {}
     for m in A:
         r = pattern_value(cfg.rank_pattern, m, cfg.r)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from .errors import OrthomergeError
@@ -25,15 +26,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _console_notes() -> logging.Handler:
+    """Show the library's warnings (``logging.getLogger("orthomerge")``) as ``orthomerge: note: …`` lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("orthomerge: note: %(message)s"))
+    logging.getLogger("orthomerge").addHandler(handler)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv   # what was asked, for outputs that record how they were made
+    handler = _console_notes()
     try:
         args.func(args)
     except OrthomergeError as err:
         print(f"orthomerge: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        logging.getLogger("orthomerge").removeHandler(handler)
     return 0
 
 

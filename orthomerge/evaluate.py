@@ -6,15 +6,19 @@ is exactly the merged model a user would deploy, and it makes λ sweeps cheap (n
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from torch import nn
 
-from .adapters import LoraAdapter, validate_adapter
+from .adapters import WEIGHTS_NAME, LoraAdapter, validate_adapter
 from .errors import OrthomergeError
-from .models import head_module_names, load_model, load_tokenizer
+from .models import head_module_names, load_model, load_tokenizer, same_model
 from .stats import ActivationStats
 from .tasks import Split, Task, compute_metric
+
+log = logging.getLogger("orthomerge")
 
 
 def predict(model: nn.Module, tokenizer, split: Split, max_length: int = 64, batch_size: int = 64) -> list:
@@ -38,6 +42,7 @@ class TaskEvaluator:
     """Scores ``W₀ + ΔW`` (+ a task's head) on a task's split, for any ΔW: single, merged, per-task."""
 
     def __init__(self, model_spec: str, tasks: list[Task], max_length: int = 64, batch_size: int = 64):
+        self.spec = model_spec
         self.tasks = {t.name: t for t in tasks}
         self.tokenizer = load_tokenizer(model_spec)
         self.models = {t.name: load_model(model_spec, num_labels=t.num_labels, regression=t.is_regression)
@@ -47,6 +52,22 @@ class TaskEvaluator:
         heads = tuple(head_module_names(first))
         self.base = {name: module.weight.detach().clone() for name, module in first.named_modules()
                      if isinstance(module, nn.Linear) and not name.startswith(heads)}
+
+    def validate(self, adapter: LoraAdapter, task: str) -> None:
+        """Refuse (one line) an adapter that does not fit ``task``'s model: a missing or mismatched module,
+        or no head of the task's size (a fresh head would score chance and look like a result). A base
+        model name that differs from the one evaluated on is a warning."""
+        where = adapter.path / WEIGHTS_NAME if adapter.path else adapter.name
+        if adapter.has_biases:
+            raise OrthomergeError(f"{where}: has biases (lora_bias or bias='lora_only'|'all'), which orthomerge "
+                                  "eval does not apply yet; evaluate it with PEFT (PeftModel.from_pretrained)")
+        if not adapter.heads:
+            raise OrthomergeError(f"{where}: no task head (modules_to_save) for task {task!r}; evaluate the "
+                                  "adapter trained with its head, or a merge output's tasks/<name>")
+        validate_adapter(adapter, self.models[task], where=where)
+        named = adapter.config.get("base_model_name_or_path")
+        if named and not same_model(named, self.spec):
+            log.warning("%s: adapter was trained on %s, evaluated on %s", where, named, self.spec)
 
     def load(self, task: str, deltas: dict[str, torch.Tensor], heads: dict[str, torch.Tensor]) -> nn.Module:
         """The task's model with ``W₀ + ΔW`` in every module of ``deltas`` (others reset to W₀)."""

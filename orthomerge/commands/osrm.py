@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from . import add_common
+from . import add_common, add_output, checked_out
 
 
 def _osrm_options(p) -> None:
@@ -23,13 +23,13 @@ def register(sub) -> None:
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--num-labels", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="seed of the (random) classifier head")
-    p.add_argument("--out", required=True)
+    add_output(p, "output adapter folder")
     p.set_defaults(func=run_init)
 
     q = sub.add_parser("post", help="convert a trained LoRA to the OSRM subspace (lossy; reports energy kept)")
     _osrm_options(q)
     q.add_argument("--adapter", required=True)
-    q.add_argument("--out", required=True)
+    add_output(q, "output adapter folder")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=run_post)
 
@@ -40,12 +40,13 @@ def run_init(args) -> None:
     from ..osrm import init_peft_model_osrm
     from ..stats import load_stats
 
+    checked_out(args, [*args.other_stats, args.own_stats])
     others = [load_stats(p) for p in args.other_stats]
     own = load_stats(args.own_stats) if args.own_stats else None
     model = load_model(args.model, num_labels=args.num_labels, seed=args.seed)
     peft_model = new_peft_model(model, parse_targets(args.targets), args.rank, args.alpha)
     meta = init_peft_model_osrm(peft_model, others, own=own, beta=args.beta, variant=args.variant)
-    save_adapter(from_peft_model(peft_model, metadata=meta), args.out)
+    save_adapter(from_peft_model(peft_model, metadata=meta), args.out, overwrite=args.overwrite)
     if not args.quiet:
         print(f"wrote {args.out}: OSRM ({args.variant}) init, rank {args.rank}, "
               f"{len(peft_model.targeted_module_names)} modules")
@@ -56,11 +57,12 @@ def run_post(args) -> None:
     from ..osrm import post_convert
     from ..stats import load_stats
 
+    checked_out(args, [args.adapter, *args.other_stats, args.own_stats])
     adapter = load_adapter(args.adapter)
     others = [load_stats(p) for p in args.other_stats]
     own = load_stats(args.own_stats) if args.own_stats else None
     new, report = post_convert(adapter, others, args.variant, own, args.beta)
-    save_adapter(new, args.out)
+    save_adapter(new, args.out, overwrite=args.overwrite)
     if not args.quiet:
         print(json.dumps({"retained_fraction": report["retained_fraction"],
                           "retained_energy": report["retained_energy"]}, indent=2))

@@ -1,7 +1,7 @@
 """``orthomerge stats`` and ``orthomerge combine-stats``."""
 from __future__ import annotations
 
-from . import add_common
+from . import add_common, add_output, checked_out
 
 
 def register(sub) -> None:
@@ -16,12 +16,12 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--float64", action="store_true",
                    help="float64 products per batch (default: float32 products, float64 sums)")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    add_output(p, "output .safetensors file", is_file=True)
     p.set_defaults(func=run_stats)
 
     c = sub.add_parser("combine-stats", help="add statistics of disjoint shards into one file (exact)")
     c.add_argument("parts", nargs="+", help="statistics files")
-    c.add_argument("--out", required=True)
+    add_output(c, "output .safetensors file", is_file=True)
     c.set_defaults(func=run_combine)
 
 
@@ -33,6 +33,7 @@ def run_stats(args) -> None:
     from ..stats import collect_stats, init_distributed_from_env, save_stats
     from ..tasks import read_table
 
+    checked_out(args, [args.data])
     if args.max_samples is not None and args.max_samples < 1:
         raise OrthomergeError(f"--max-samples must be ≥ 1, got {args.max_samples}")
     columns = [args.text_column] + ([args.text_pair_column] if args.text_pair_column else [])
@@ -58,6 +59,7 @@ def run_stats(args) -> None:
 def run_combine(args) -> None:
     from ..stats import combine_stats, load_stats, save_stats
 
+    checked_out(args, args.parts)
     combined = combine_stats([load_stats(p) for p in args.parts])
     combined.meta["data"] = [p.meta.get("data") for p in map(load_stats, args.parts)]
     save_stats(combined, args.out)

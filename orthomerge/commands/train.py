@@ -5,7 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from . import add_common
+from . import add_common, add_output, checked_out
 
 
 def _task_options(p) -> None:
@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--other-stats", nargs="*", default=None,
                    help="other tasks' statistics; default: computed from the other tasks and cached")
     p.add_argument("--stats-samples", type=int, default=100)
-    p.add_argument("--out", required=True)
+    add_output(p, "output adapter folder")
     p.set_defaults(func=run_train)
 
     e = sub.add_parser("eval", help="evaluate an adapter or a merged result on tasks")
@@ -49,7 +49,7 @@ def register(sub) -> None:
     e.add_argument("--single", nargs="*", default=None,
                    help="each task's own adapter, in --task order: adds normalised scores and interference")
     e.add_argument("--split", choices=["validation", "test"], default="test")
-    e.add_argument("--out", default=None, help="write the metrics as JSON here")
+    add_output(e, "write the metrics as JSON here", required=False, is_file=True)
     e.set_defaults(func=run_eval)
 
 
@@ -93,6 +93,7 @@ def run_train(args) -> None:
     from ..stats import load_stats
     from ..train import TrainConfig, train_adapter
 
+    checked_out(args, [args.tasks, *(args.other_stats or [])])
     pool, (task,) = _tasks(args, [args.task])
     targets = parse_targets(args.targets)
     config = TrainConfig(init=args.init, rank=args.rank, alpha=args.alpha, targets=targets, lr=args.lr,
@@ -109,7 +110,7 @@ def run_train(args) -> None:
                       for t in pool if t.name != task.name]
         own = _cached_stats(args.model, task, args.stats_samples, args.max_length, targets)
     adapter = train_adapter(args.model, task, config, others=others, own=own, progress=not args.quiet)
-    save_adapter(adapter, args.out)
+    save_adapter(adapter, args.out, overwrite=args.overwrite)
     if not args.quiet:
         print(json.dumps(adapter.metadata["history"], indent=2))
 
@@ -120,23 +121,36 @@ def run_eval(args) -> None:
     from ..adapters import load_adapter
     from ..errors import OrthomergeError
     from ..evaluate import TaskEvaluator, adapter_deltas, interference_matrix
+    from ..outputs import atomic_file
 
-    _, tasks = _tasks(args, args.task)
+    if args.out:
+        checked_out(args, [args.adapter, args.tasks, *(args.single or [])])
+    if args.single is not None and len(args.single) != len(args.task):
+        raise OrthomergeError(f"--single: {len(args.single)} adapters for {len(args.task)} tasks")
     root = Path(args.adapter)
 
     def for_task(name):
-        folder = root / "tasks" / name
-        return load_adapter(folder if folder.is_dir() else root)
+        """A merge output's ``tasks/<name>`` (merged update + that task's head), else the adapter itself."""
+        if (root / "tasks").is_dir():
+            folder = root / "tasks" / name
+            if not folder.is_dir():
+                have = ", ".join(sorted(p.name for p in (root / "tasks").iterdir() if p.is_dir())) or "none"
+                raise OrthomergeError(f"{folder}: missing, so the merge output has no head for task {name!r} "
+                                      f"(its tasks: {have})")
+            return load_adapter(folder)
+        return load_adapter(root)
 
+    adapters = {name: for_task(name) for name in args.task}
+    singles = [load_adapter(p) for p in args.single] if args.single is not None else []
+    _, tasks = _tasks(args, args.task)
     evaluator = TaskEvaluator(args.model, tasks, args.max_length)
+    for t, adapter in [*adapters.items(), *zip(args.task, singles)]:
+        evaluator.validate(adapter, t)
     report = {"adapter": str(root), "split": args.split, "metrics": {}}
     for t in tasks:
-        adapter = for_task(t.name)
+        adapter = adapters[t.name]
         report["metrics"][t.name] = evaluator.score(t.name, adapter_deltas(adapter), adapter.heads, args.split)
     if args.single is not None:
-        if len(args.single) != len(tasks):
-            raise OrthomergeError(f"--single: {len(args.single)} adapters for {len(tasks)} tasks")
-        singles = [load_adapter(p) for p in args.single]
         own = {t.name: evaluator.score(t.name, adapter_deltas(a), a.heads, args.split)
                for t, a in zip(tasks, singles)}
         report["single"] = own
@@ -148,8 +162,6 @@ def run_eval(args) -> None:
                                   "matrix": interference_matrix(singles, held).round(4).tolist()}
     text = json.dumps(report, indent=2)
     if args.out:
-        from ..errors import atomic_file
-
         with atomic_file(args.out) as tmp:
             tmp.write_text(text + "\n")
     print(text)

@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -32,12 +33,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+log = logging.getLogger("orthomerge")
+
+from ..models import LABELLED_TASK_TYPES
 from ..adapters import WEIGHTS_NAME, LoraAdapter, load_adapter, save_adapter, validate_adapter
-from ..errors import OrthomergeError, atomic_dir
+from ..errors import OrthomergeError
+from ..outputs import atomic_dir, check_output
 from .elementwise import abs_histogram_threshold, check_density
 from .recompress import Loss, recompress_dense, recompress_factors
-from .registry import (Dense, LowRank, MergeContext, MethodSpec, ModuleTask, PerTask, get_method, per_task,
-                       scaled_factors)
+from .registry import (Dense, LowRank, MergeContext, MethodSpec, ModuleTask, PerTask, get_method, module_seed,
+                       per_task, scaled_factors)
 
 REPORT_NAME = "merge_report.json"
 RECIPE_NAME = "recipe.yaml"
@@ -65,6 +70,10 @@ class MergeResult:
     report: dict
     model: object = None
     path: Path | None = None
+    bias_delta: dict[str, torch.Tensor] = field(default_factory=dict)   # model bias name -> additive change
+
+    def input_paths(self) -> list[Path]:
+        return [a.path for a in self.adapters if a.path is not None]
 
     def delta(self, module: str, task: str | None = None) -> torch.Tensor:
         """The merged ΔW of ``module`` (for ``task``'s output where updates differ per task)."""
@@ -75,10 +84,11 @@ class MergeResult:
             raise OrthomergeError(f"{self.method}: one update per task; name the task")
         return adapter.delta(module)
 
-    def save(self, out: str | Path) -> Path:
-        """Write the output folder atomically (nothing is left behind on failure)."""
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write the output folder atomically (nothing is left behind on failure). An existing non-empty
+        ``out`` is replaced only with ``overwrite``, and never one that holds an input adapter."""
         start = time.perf_counter()
-        out = Path(out)
+        out = check_output(out, overwrite=overwrite, inputs=self.input_paths())
         with atomic_dir(out) as tmp:
             if self.dense is not None:
                 self._save_dense(tmp)
@@ -109,6 +119,8 @@ class MergeResult:
             for module, delta in deltas.items():
                 w = base_state[f"{module}.weight"]
                 state[f"{module}.weight"] = (w.to(torch.float32) + delta).to(w.dtype)
+            for name, delta in self.bias_delta.items():
+                state[name] = (base_state[name].to(torch.float32) + delta).to(base_state[name].dtype)
             model = _model_for_heads(self.model, heads, folder)
             state.update(heads)
             model.load_state_dict(state, strict=True)
@@ -163,6 +175,9 @@ def validate_compatible(adapters: list[LoraAdapter]) -> None:
     first = adapters[0]
     base0 = first.config.get("base_model_name_or_path")
     for other in adapters[1:]:
+        if other.task_type != first.task_type:
+            raise OrthomergeError(f"{other.path or other.name}: task type {other.task_type!r} differs from "
+                                  f"{first.task_type!r} of {first.path or first.name}")
         base = other.config.get("base_model_name_or_path")
         if base0 and base and base != base0:
             raise OrthomergeError(f"{other.path or other.name}: base model {base!r} differs from {base0!r} "
@@ -190,12 +205,22 @@ def task_names(adapters: list[LoraAdapter]) -> list[str]:
     return names
 
 
-def module_seed(seed: int, b: torch.Tensor, a: torch.Tensor, module: str) -> int:
-    """A seed from (global seed, the adapter's factors of this module, module name): order-independent."""
-    h = hashlib.sha256(f"{seed}|{module}".encode())
-    for t in (a, b):
-        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return int.from_bytes(h.digest()[:8], "little") % (2**62)
+def adapter_keys(adapters: list[LoraAdapter], names: list[str]) -> list[str]:
+    """A stable identity per adapter for seeding random rules: its task name when it was read from a
+    folder (so numerically equal runs give equal masks, whatever the adapters' order or last bits),
+    else a digest of its factors (an in-memory adapter has no name of its own)."""
+    keys = []
+    for adapter, name in zip(adapters, names):
+        if adapter.path is not None:
+            keys.append(name)
+            continue
+        h = hashlib.sha256()
+        for m in sorted(adapter.modules):
+            for t in (adapter.A[m], adapter.B[m]):
+                h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        keys.append(h.hexdigest())
+    return keys
+
 
 
 def _load_stats(stats, adapters, modules):
@@ -252,25 +277,33 @@ def _check_params(spec: MethodSpec, params: dict, count: int) -> None:
                 raise OrthomergeError(f"{spec.name}: parameter {key}={value!r} must be a finite number")
 
 
-def _resolve_model(model, adapters, dense: bool, notes: list):
-    """``None`` → the adapters' base (needed for dense output; for PEFT output only to validate)."""
-    if model is None or isinstance(model, str):
-        from ..models import load_model
+def _resolve_model(model, adapters, notes: list, *, weights: bool, tokenizer: bool, why: str | None):
+    """``None`` → the adapters' base, loaded as their task type.
 
-        spec = model or adapters[0].config.get("base_model_name_or_path")
-        if not spec:
-            if dense:
-                raise OrthomergeError("dense output needs the base model: pass --model")
-            notes.append("base model unknown: adapters validated against each other only")
-            return None
-        try:
-            return load_model(spec, num_labels=adapters[0].num_labels() or 2)
-        except OrthomergeError:
-            if model is not None or dense:
-                raise
-            notes.append(f"base model {spec!r} not found locally: adapters validated against each other only")
-            return None
-    return model
+    ``weights``: the merge reads base weights (dense output, data-driven methods, trained biases; ``why``
+    says which); otherwise the model is built from its config on the meta device, which is all that
+    validating module names and shapes needs. ``tokenizer``: the model will see text (pad token needed).
+    """
+    if model is not None and not isinstance(model, str):
+        return model
+    from ..models import class_for_modules, load_model
+
+    spec = model or adapters[0].config.get("base_model_name_or_path")
+    if not spec:
+        if why:
+            raise OrthomergeError(f"{why} needs the base model: pass --model")
+        notes.append("base model unknown: adapters validated against each other only")
+        return None
+    try:
+        task_type = adapters[0].task_type
+        model_class = class_for_modules(spec, adapters[0].modules) if task_type is None else None
+        return load_model(spec, num_labels=adapters[0].num_labels() or 2, task_type=task_type,
+                          weights=weights, pad_from_tokenizer=tokenizer, model_class=model_class)
+    except OrthomergeError:
+        if model is not None or why:
+            raise
+        notes.append(f"base model {spec!r} not found locally: adapters validated against each other only")
+        return None
 
 
 def model_thresholds(adapters, modules, density) -> list[float]:
@@ -392,12 +425,23 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
     validate_compatible(adapters)
     modules = sorted(adapters[0].modules)
     notes: list[str] = []
-    model = _resolve_model(model, adapters, dense, notes)
+    biased = [a for a in adapters if a.has_biases]
+    if biased and not spec.linear:
+        raise OrthomergeError(f"{_where(biased[0])}: has biases (lora_bias or bias={biased[0].config.get('bias')!r}), "
+                              f"which merge exactly only with linear methods (task_arithmetic); {spec.name} is "
+                              "not linear in the updates")
+    needs_weights = ("dense output" if dense else f"{spec.name}" if spec.needs_data else
+                     "merging trained biases (bias='lora_only'|'all')" if any(a.biases for a in adapters) else None)
+    model = _resolve_model(model, adapters, notes, weights=needs_weights is not None, tokenizer=spec.needs_data,
+                           why=needs_weights)
+    for note in notes:
+        log.warning(note)
     if model is not None:
         for a in adapters:
             validate_adapter(dataclasses.replace(a, heads={}), model, where=_where(a))
     loaded_stats = _load_stats(stats, adapters, modules) if spec.needs_stats else None
     names = task_names(adapters)
+    keys = adapter_keys(adapters, names)
     if spec.needs_data:
         if data is None:
             raise OrthomergeError(f"{spec.name} needs task data: one task or split per adapter "
@@ -411,7 +455,7 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
         ctx = MergeContext(adapters=adapters, names=names, modules=modules, weights=weights, params=resolved,
                            model=model, data=load_data(data, adapters) if spec.needs_data else None,
                            tokenizer=tokenizer, stats=[st for _, st in loaded_stats] if loaded_stats else stats,
-                           seed=seed, progress=progress)
+                           seed=seed, progress=progress, keys=keys)
         prepared = spec.prepare(ctx)
         t_prep = time.perf_counter() - s
 
@@ -429,7 +473,7 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
     for m in tqdm(modules, desc=f"merge {spec.name}", unit="module", disable=not progress):
         fac = scaled_factors(adapters, m)
         task = ModuleTask(name=m, factors=fac, weights=weights,
-                          seeds=[module_seed(seed, b, a_, m) for b, a_ in fac])
+                          seeds=[module_seed(seed, key, m) for key in keys])
         if prepared is not None:
             task.extras = prepared.extras.get(m)
         if loaded_stats is not None:
@@ -477,18 +521,24 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
                 else:
                     factors[out_name][0][m] = factors[out_name][0][m] * lam
 
+    lora_bias, biases = _merge_biases(spec, call, adapters, weights, keys, model) if biased else ({}, {})
+    _check_finite(factors, dense_out, {**lora_bias, **biases}, losses)
     meta = {"merge": {"method": spec.name, "params": resolved, "weights": weights, "seed": seed,
                       "adapters": [str(a.path) if a.path else a.name for a in adapters]}}
     merged, tasks = None, {}
     if not dense:
+        carried = dict(lora_bias=lora_bias, biases=biases)
         if not spec.per_task:
-            merged = LoraAdapter.from_factors(*factors[""], heads={}, base=adapters[0], metadata=meta)
-            # No head here: without task_type PEFT does not expect modules_to_save (SEQ_CLS would add one).
-            merged.config.update(task_type=None, modules_to_save=None)
+            merged = LoraAdapter.from_factors(*factors[""], heads={}, base=adapters[0], metadata=meta, **carried)
+            if adapters[0].task_type in LABELLED_TASK_TYPES:
+                # No head here: without task_type PEFT does not expect modules_to_save (SEQ_CLS would add one).
+                merged.config.update(task_type=None, modules_to_save=None)
         for i, (name, a) in enumerate(zip(names, adapters)):
             B, A = factors[name] if spec.per_task else factors[""]
             tasks[name] = LoraAdapter.from_factors(B, A, heads=a.heads, base=a,
-                                                   metadata={**meta, "task": name, "head": "own"})
+                                                   metadata={**meta, "task": name, "head": "own"}, **carried)
+        for adapter in [merged, *tasks.values()] if biases else ():
+            adapter.config["bias"] = "all" if any(a.config.get("bias") == "all" for a in adapters) else "lora_only"
     err_sq = sum(l.err_sq for l in losses.values())
     tot_sq = sum(l.total_sq for l in losses.values())
     report = {
@@ -514,8 +564,55 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
     if spec.per_task:
         report["rescalers"] = {n: (shares[i][0] / shares[i][1] if shares[i][1] > 0 else 1.0)
                                for i, n in enumerate(names)}
+    bias_delta = {f"{m}.bias": v for m, v in lora_bias.items()}
+    state = model.state_dict() if biases else {}
+    bias_delta.update({k: v - state[k].to(torch.float32) for k, v in biases.items()})
     return MergeResult(method=spec.name, params=resolved, names=names, adapters=adapters, merged=merged,
-                       tasks=tasks, dense=dense_out, report=report, model=model)
+                       tasks=tasks, dense=dense_out, report=report, model=model, bias_delta=bias_delta)
+
+
+def _merge_biases(spec: MethodSpec, call: dict, adapters: list[LoraAdapter], weights: list[float],
+                  keys: list[str], model) -> tuple[dict, dict]:
+    """A linear method applied to the biases as one-column updates: ``lora_B`` biases (``s·b``, PEFT
+    ``lora_bias``) and the change of trained biases (``bias='lora_only'|'all'``) against the base.
+    A bias an adapter lacks is a zero update. Returns (merged lora_B biases, merged absolute biases)."""
+    def merged(name: str, vectors: list[torch.Tensor]) -> torch.Tensor:
+        task = ModuleTask(name=name, factors=[(v.to(torch.float32)[:, None], torch.ones(1, 1)) for v in vectors],
+                          weights=weights, seeds=[module_seed(0, k, name) for k in keys])
+        out = spec.fn(task, **call)
+        return (out.delta if isinstance(out, Dense) else out.B @ out.A)[:, 0]
+
+    lora_bias = {}
+    for m in sorted({m for a in adapters for m in a.lora_bias}):
+        lora_bias[m] = merged(f"{m}.lora_B.bias", [
+            a.lora_bias[m].to(torch.float32) * a.scaling[m] if m in a.lora_bias else torch.zeros(a.B[m].shape[0])
+            for a in adapters])
+    biases = {}
+    state = model.state_dict() if any(a.biases for a in adapters) else {}
+    for k in sorted({k for a in adapters for k in a.biases}):
+        base = state[k].to(torch.float32)
+        biases[k] = base + merged(k, [a.biases[k].to(torch.float32) - base if k in a.biases
+                                      else torch.zeros_like(base) for a in adapters])
+    return lora_bias, biases
+
+
+def _check_finite(factors: dict, dense_out: dict | None, biases: dict, losses: dict) -> None:
+    """A merged update with NaN or Inf (e.g. from huge weights) is an error, never an output."""
+    for out_name, (B, A) in factors.items():
+        for m in B:
+            if not (torch.isfinite(B[m]).all() and torch.isfinite(A[m]).all()):
+                raise OrthomergeError(f"{m}: the merged update is not finite (NaN or Inf{' for ' + out_name if out_name else ''}); "
+                                      "check the weights and scale")
+    for deltas in (dense_out or {}).values():
+        for m, d in deltas.items():
+            if not torch.isfinite(d).all():
+                raise OrthomergeError(f"{m}: the merged update is not finite (NaN or Inf); check the weights and scale")
+    for name, b in biases.items():
+        if not torch.isfinite(b).all():
+            raise OrthomergeError(f"{name}: the merged bias is not finite (NaN or Inf); check the weights and scale")
+    for key, loss in losses.items():
+        if not (math.isfinite(loss.err_sq) and math.isfinite(loss.total_sq)):
+            raise OrthomergeError(f"{key}: the merged update's norm overflows (not finite); check the weights and scale")
 
 
 # ---------------------------------------------------------------- recipes
@@ -621,7 +718,7 @@ def load_recipe(path: str | Path) -> dict:
 
 
 def run_recipe(yaml_path: str | Path, out: str | Path | None = None, progress: bool = False,
-               threads: int | None = None) -> MergeResult:
+               threads: int | None = None, overwrite: bool = False) -> MergeResult:
     """Merge as a YAML recipe says and save to ``out`` (or the recipe's ``output.path``)."""
     kwargs = load_recipe(yaml_path)
     target = out or kwargs.pop("out")
@@ -630,7 +727,8 @@ def run_recipe(yaml_path: str | Path, out: str | Path | None = None, progress: b
         raise OrthomergeError(f"{yaml_path}: no output path (output.path in the recipe, or --out)")
     params = kwargs.pop("params")
     adapters = kwargs.pop("adapters")
+    check_output(target, overwrite=overwrite, inputs=[yaml_path, *adapters])
     result = merge_adapters(adapters, progress=progress, threads=threads, **kwargs, **params)
     result.report["recipe"] = str(yaml_path)
-    result.save(target)
+    result.save(target, overwrite=overwrite)
     return result

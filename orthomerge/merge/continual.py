@@ -41,7 +41,7 @@ import torch
 
 from ..errors import OrthomergeError
 from .recompress import factored_svd
-from .registry import LowRank, MergeContext, ModuleTask, Prepared, register
+from .registry import LowRank, MergeContext, ModuleTask, Prepared, module_seed, register
 
 
 def split_rank(s: torch.Tensor, alpha: float) -> int:
@@ -153,11 +153,8 @@ def arrival_order(keys: list[int], order: str) -> list[int]:
 
 def _prepare(ctx: MergeContext) -> Prepared:
     """Stream every adapter through one :class:`ContinualMerger` (model-level norms need all modules)."""
-    from .api import module_seed
-
     p = ctx.params
-    first = ctx.modules[0]
-    keys = [module_seed(ctx.seed, *a.factors(first), first) for a in ctx.adapters]
+    keys = [module_seed(ctx.seed, key, "arrival") for key in ctx.keys]
     order = arrival_order(keys, p["order"])
     merger = ContinualMerger(p["alpha"], p["norm_scope"], int(p["max_rank"]))
     for i in order:

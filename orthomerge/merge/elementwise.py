@@ -68,8 +68,8 @@ def trim_threshold(x: torch.Tensor, density: float, select: str = "partition") -
 
 def check_density(density: list[float]) -> None:
     for d in density:
-        if not 0.0 <= d <= 1.0:
-            raise OrthomergeError(f"density {d} is outside [0, 1]")
+        if not 0.0 < d <= 1.0:
+            raise OrthomergeError(f"density {d} is outside (0, 1]: density 0 keeps nothing (an all-zero update)")
 
 
 def task_thresholds(tasks, density, select: str = "partition") -> list[float]:

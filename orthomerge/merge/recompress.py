@@ -8,10 +8,11 @@
   ``B' = U_k Σ_k``, ``A' = V_kᵀ``).
 * :func:`recompress_dense` — rank-k approximation of a dense (full-rank) update: exact SVD for
   matrices up to ``EXACT_SVD_MAX`` entries (float32 LAPACK), randomized range finder (4 power iterations, 10 extra
-  columns) above. In both cases the reported error is exact: the result is an orthogonal projection
-  ``U_k U_kᵀ ΔW``, so ``‖ΔW − ΔW_k‖²_F = ‖ΔW‖²_F − ‖Σ_k‖²``.
+  columns) above. In both cases the reported error is that of the factors as written: ``‖ΔW − B A‖_F``
+  accumulated in float64 over row blocks (``‖ΔW‖² − ‖Σ_k‖²`` would be float32 cancellation noise when
+  little is discarded).
 
-Decompositions run in float64 on per-matrix upcasts (never bf16/fp16, merging.md pitfall 4).
+Factored decompositions run in float64; the dense SVD runs in float32 (never bf16/fp16).
 """
 from __future__ import annotations
 
@@ -112,7 +113,6 @@ def recompress_dense(d: torch.Tensor, rank: int, svd: str = "auto") -> tuple[tor
     """Best (``exact``) or near-best (``randomized``) rank-``rank`` factors of a dense ``d``, Σ in B."""
     m, n = d.shape
     d = d.to(torch.float32)
-    total = float(torch.linalg.vector_norm(d)) ** 2   # no float64 copy of a large matrix
     how = svd if svd != "auto" else ("exact" if m * n <= EXACT_SVD_MAX else "randomized")
     k = min(rank, m, n)
     if how == "exact":
@@ -127,9 +127,19 @@ def recompress_dense(d: torch.Tensor, rank: int, svd: str = "auto") -> tuple[tor
         rho = numerical_rank(s, (m, n))
         k = min(k, rho)
         B, A = q.to(torch.float64) @ (us[:, :k] * s[:k]), vh[:k]
-        s = s.to(torch.float32)
     else:
         raise ValueError(f"svd={svd!r}")
-    kept = float((s[:k].to(torch.float64) ** 2).sum())
-    loss = Loss(min(m, n), k, max(total - kept, 0.0), total, how)
-    return B.to(torch.float32), A.to(torch.float32), loss
+    B, A = B.to(torch.float32), A.to(torch.float32)
+    err, total = residual_sq(d, B, A)
+    return B, A, Loss(min(m, n), k, err, total, how)
+
+
+def residual_sq(d: torch.Tensor, B: torch.Tensor, A: torch.Tensor, block: int = 1024) -> tuple[float, float]:
+    """``(‖d − B A‖²_F, ‖d‖²_F)`` in float64, a block of rows at a time (no float64 copy of ``d``)."""
+    a = A.to(torch.float64)
+    err = total = 0.0
+    for start in range(0, d.shape[0], block):
+        rows = d[start:start + block].to(torch.float64)
+        err += float((rows - B[start:start + block].to(torch.float64) @ a).pow(2).sum())
+        total += float(rows.pow(2).sum())
+    return err, total

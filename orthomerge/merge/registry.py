@@ -13,6 +13,7 @@ seeds and (for data-driven rules) Gram matrices — and knows nothing about file
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable
@@ -119,6 +120,12 @@ class PerTask:
     denom: list[float]
 
 
+def module_seed(seed: int, key: str, module: str) -> int:
+    """A seed from (global seed, the adapter's key, module name): order-independent, reproducible."""
+    digest = hashlib.sha256(f"{seed}|{key}|{module}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**62)
+
+
 def scaled_factors(adapters, module: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(s·B, A)`` of ``module`` for every adapter, float32: what a rule sees."""
     return [(a.B[module].to(torch.float32) * a.scaling[module], a.A[module].to(torch.float32)) for a in adapters]
@@ -144,6 +151,7 @@ class MergeContext:
     stats: list | None = None
     seed: int = 0
     progress: bool = False
+    keys: list[str] = field(default_factory=list)   # per adapter: its seeding identity (see module_seed)
 
     def module_task(self, module: str) -> ModuleTask:
         """``module`` of every adapter as the per-module loop sees it (no seeds, statistics or extras)."""

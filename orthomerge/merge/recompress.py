@@ -1,4 +1,4 @@
-"""Exact low-rank algebra on factors (merging.md §2) and re-compression with a reported error.
+"""Exact low-rank algebra on factors (docs/merging.md#low-rank-algebra) and re-compression with a reported error.
 
 * :func:`factored_svd` — exact thin SVD of ``B @ A`` from thin QRs of both factors and an R×R SVD
   (O((m+n)R²), no dense matrix), restricted to the **numerical rank** ρ = #{σ_j > tol·σ₁} with
@@ -11,7 +11,7 @@
   columns) above. In both cases the reported error is exact: the result is an orthogonal projection
   ``U_k U_kᵀ ΔW``, so ``‖ΔW − ΔW_k‖²_F = ‖ΔW‖²_F − ‖Σ_k‖²``.
 
-Decompositions run in float64 on per-matrix upcasts (never bf16/fp16, merging.md pitfall 4).
+Decompositions run in float64 on per-matrix upcasts (never bf16/fp16, docs/merging.md#precision).
 """
 from __future__ import annotations
 

@@ -18,5 +18,13 @@ experiment: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest tests
 
+# `make bench`: the three benchmark scripts at their quick settings; results are printed as Markdown tables.
+# Roughly 10 minutes on 2 cores, most of it bench_learned.py's data-driven merges (longer when it first has
+# to train adapters because runs/default/adapters/seed0/lora is missing). The numbers in BENCHMARKS.md come
+# from each script's full plan (see its --help); bench_merge.py and bench_learned.py rewrite their own
+# BENCHMARKS.md sections with --write.
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) bench/run_all.py
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) bench/bench_osrm.py --samples 64 --repeats 1
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) bench/bench_merge.py --quick
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) bench/bench_learned.py --repeat 1 --no-quality
+	@echo "Results: the tables above (stdout only; BENCHMARKS.md is unchanged without --write)."

@@ -4,7 +4,7 @@ For target task ``t`` and one module input, ``S_¬t`` is the mean over the other
 per-token uncentred second moment. ``A`` is the ``r`` eigenvectors of ``S_¬t − β S_t`` with the smallest
 eigenvalues (``β = 0``: the paper), as rows, float64, deterministic signs; ``B = 0``. Modules sharing an
 input (q/k/v) share one ``A``. The ``official`` variant reproduces the released code: the null space of the
-other tasks' per-sample mean vectors. See ``shared/reference/osrm.md``.
+other tasks' per-sample mean vectors. See ``docs/osrm.md``.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """AdaMerging (Yang et al., ICLR 2024): merging coefficients learned by entropy minimisation on unlabelled
-inputs (merging.md §4.14), in factored form.
+inputs (docs/merging.md#adamerging), in factored form.
 
     ΔW^l = Σ_i λ_i^l w_i s_i B_i^l A_i^l,     λ = argmin Σ_tasks mean_x H(softmax f_λ(x; head_i))
 

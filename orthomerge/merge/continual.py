@@ -1,5 +1,5 @@
 """Continual merging: OPCM (Tang et al., "Merging Models on the Fly Without Retraining", arXiv 2501.09522,
-NeurIPS 2025; FusionBench ``opcm``), per module in factored form (merging.md §4.16).
+NeurIPS 2025; FusionBench ``opcm``), per module in factored form (docs/merging.md#continual).
 
 Adapters arrive one at a time. Per linear module, with τ_t = w_t·ΔW_t in arrival order::
 

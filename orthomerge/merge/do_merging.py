@@ -1,7 +1,7 @@
 """DO-Merging (Zheng et al., "Decouple and Orthogonalize: A Data-Free Framework for LoRA Merging",
-arXiv 2505.15875), in factored form (merging.md §4.15).
+arXiv 2505.15875), in factored form (docs/merging.md#do_merging).
 
-merging.md flags the losses as "verify against the paper"; this is the summarised form, implemented exactly
+docs/merging.md#do_merging flags the losses as "verify against the paper"; this is the summarised form, implemented exactly
 as stated here. Per module, with scale-folded factors B_i' (m×r_i), A_i (r_i×n):
 
 1. **Orthogonalise** (data-free, a few gradient steps). On factors normalised to unit Frobenius norm

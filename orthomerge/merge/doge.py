@@ -1,5 +1,5 @@
 """DOGE (Wei et al., "Modeling Multi-Task Model Merging as Adaptive Projective Gradient Descent", ICML 2025,
-arXiv 2501.01230; FusionBench ``doge_ta``) on dense ΔW (merging.md §4.16).
+arXiv 2501.01230; FusionBench ``doge_ta``) on dense ΔW (docs/merging.md#doge).
 
 Data-free refinement of a task-arithmetic merge. Per module, with τ_i = ΔW_i (m×n) and training-free
 task-aware coefficients λ_i = w_i · ``lamda`` · ν / ‖τ_i‖_F (ν = mean_i ‖τ_i‖_F), a shared modification
@@ -20,7 +20,7 @@ What differs from the reference code (FusionBench ``DOGE_TA_Algorithm``), and wh
   ``lamda · ν / ‖τ_i‖``, so ``lamda`` = 1 keeps the average norm and one adapter is returned unchanged;
   ``scale`` multiplies the result after the optimisation (linear, the experiment's λ sweep; the code has
   no such outer factor, its λ enters the loss — set ``lamda`` to do that).
-* Spectral budgets at numerical rank (merging.md pitfall 6): U_i has ρ_i ≤ r_i columns for a LoRA, and
+* Spectral budgets at numerical rank (docs/merging.md#spectral-budgets-at-numerical-rank): U_i has ρ_i ≤ r_i columns for a LoRA, and
   k is the fraction 1/``subspace`` of the union's numerical rank ρ (the code: of min(m, n), which is the
   union's size for full fine-tunes).
 * Adam runs in units of the task vectors' RMS entry (step ``lr`` = 0.1 RMS; the code's absolute 1e-4 has no

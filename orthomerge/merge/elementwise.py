@@ -1,6 +1,6 @@
 """Element-wise rules on dense task matrices: TIES, DARE (linear / TIES), magnitude prune, and their kernels.
 
-The papers define these on dense ΔW_i (merging.md pitfall 2); the registered ``ties``, ``dare_*`` and
+The papers define these on dense ΔW_i (docs/merging.md#element-wise-rules-need-a-basis); the registered ``ties``, ``dare_*`` and
 ``magnitude_prune`` run them there, streamed: one module at a time, float32, each task's ΔW_i built from
 its factors only when needed (once for the trim threshold, then in row blocks), so peak memory is a few
 dense matrices of one module whatever the number of tasks. The same kernels run on Core-Space / KnOTS

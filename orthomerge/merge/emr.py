@@ -1,4 +1,4 @@
-"""EMR-Merging (Huang et al., NeurIPS 2024): elect, mask, rescale — one update per task (merging.md §4.13).
+"""EMR-Merging (Huang et al., NeurIPS 2024): elect, mask, rescale — one update per task (docs/merging.md#emr).
 
 τ_uni = γ ⊙ max_{i: sign(τ_i) = γ} |τ_i| with γ = sign(Σ_i τ_i) (zero sum → +1); mask M_i = [τ_i ⊙ τ_uni > 0];
 rescaler λ_i = Σ|τ_i| / Σ|M_i ⊙ τ_uni|. Task i runs W₀ + λ_i·M_i ⊙ τ_uni: the result is not one model but

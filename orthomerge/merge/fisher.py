@@ -1,5 +1,5 @@
 """Fisher merging (Matena & Raffel, NeurIPS 2022) with an exact per-example diagonal Fisher of every
-module's weight (merging.md §4.12), and the model/data plumbing the data-driven methods share.
+module's weight (docs/merging.md#fisher), and the model/data plumbing the data-driven methods share.
 
 Per adapted module W (m×n) and task i, the diagonal Fisher of the merged-space weight W = W₀ + ΔW_i
 (the expert θ_i, task i's own head) over task i's examples::

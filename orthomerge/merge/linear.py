@@ -1,4 +1,4 @@
-"""Task arithmetic: the exact linear merge in factored form (merging.md §4.1, §2)."""
+"""Task arithmetic: the exact linear merge in factored form (docs/merging.md#task_arithmetic, #low-rank-algebra)."""
 from __future__ import annotations
 
 import torch

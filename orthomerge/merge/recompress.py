@@ -1,4 +1,4 @@
-"""Exact low-rank algebra on factors (merging.md §2) and re-compression with a reported error.
+"""Exact low-rank algebra on factors (docs/merging.md#low-rank-algebra) and re-compression with a reported error.
 
 * :func:`factored_svd` — exact thin SVD of ``B @ A`` from thin QRs of both factors and an R×R SVD
   (O((m+n)R²), no dense matrix), restricted to the **numerical rank** ρ = #{σ_j > tol·σ₁} with
@@ -12,7 +12,7 @@
   accumulated in float64 over row blocks (``‖ΔW‖² − ‖Σ_k‖²`` would be float32 cancellation noise when
   little is discarded).
 
-Factored decompositions run in float64; the dense SVD runs in float32 (never bf16/fp16).
+Factored decompositions run in float64; the dense SVD runs in float32 (never bf16/fp16; docs/merging.md#precision).
 """
 from __future__ import annotations
 

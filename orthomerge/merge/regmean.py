@@ -1,4 +1,4 @@
-"""RegMean in its exact factored form (merging.md §4.11).
+"""RegMean in its exact factored form (docs/merging.md#regmean).
 
 RegMean (Jin et al., ICLR 2023) solves, per linear module, min_W Σ_i ‖X_i Wᵀ − X_i W_iᵀ‖² with the
 off-diagonals of each Gram G_i = X_iᵀX_i shrunk by α::

@@ -1,4 +1,4 @@
-"""Spectral rules in factored form at numerical rank: TSV-M, Iso-C, Iso-CTS (merging.md §4.8–4.9).
+"""Spectral rules in factored form at numerical rank: TSV-M, Iso-C, Iso-CTS (docs/merging.md#tsv, #iso_c, #iso_cts).
 
 Every SVD here is the exact thin SVD of a LoRA product from its factors (:func:`factored_svd`), restricted
 to the numerical rank: zero singular values are dropped, so no arbitrary null directions enter the merge

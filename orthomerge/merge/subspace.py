@@ -4,7 +4,7 @@ Both write every task's update in a shared orthonormal basis computed from the f
 ΔW), run the base rule's kernel on the small coordinate matrices, and map back — the output is an exact
 low-rank adapter, no re-compression loss. Linear rules give exactly the full-space result; element-wise
 rules give *new* methods (they depend on the basis), so they are registered under their own names and
-never substituted for the dense-space ones (merging.md pitfall 2).
+never substituted for the dense-space ones (docs/merging.md#element-wise-rules-need-a-basis).
 
 **Core-Space** (Panariello et al., NeurIPS 2025): U_B = left singular vectors of B_stack = [B₁' … B_T']
 (m×R), V_A = right singular vectors of A_stack = [A₁; …; A_T] (R×n); cores M_i = U_Bᵀ B_i' A_i V_A;
@@ -12,7 +12,7 @@ never substituted for the dense-space ones (merging.md pitfall 2).
 applies); both bases are cut to their numerical rank.
 
 **KnOTS** (Stoica et al., ICLR 2025): [ΔW₁ … ΔW_T] = U Σ [V₁ᵀ … V_Tᵀ]; ΔW = U Σ · rule(V_iᵀ). Computed
-from QR of B_c = [B₁' … B_T'], QR of each A_iᵀ and one R×R SVD (merging.md §4.6), at numerical rank.
+from QR of B_c = [B₁' … B_T'], QR of each A_iᵀ and one R×R SVD (docs/merging.md#core-space-and-knots), at numerical rank.
 
 Signs: every singular basis is sign-fixed (largest-|·| entry of each left vector positive), so element-wise
 results are deterministic. Trim scope is per coordinate matrix (one threshold per task and module).

@@ -171,9 +171,20 @@ def render_markdown(results: dict) -> str:
                      for arm in arms]
             lines.append(f"| {_short(m)} | " + " | ".join(cells) + " |")
     lines += study_section(s, arms, names, diffs)
+    lines += safety_section(results)
     lines += ["", "Plots: `lambda_curves.png` (validation normalised score vs λ), `per_task.png`, "
-              "`interference.png`.", ""]
+              "`interference.png`" + (", `safety.png`" if results.get("safety") else "") + ".", ""]
     return "\n".join(lines)
+
+
+def safety_section(results: dict) -> list[str]:
+    """The safety check's tables when ``results["safety"]`` holds an :func:`orthomerge.safety.compare_safety`
+    result (a causal-LM experiment puts it there); nothing otherwise."""
+    if not results.get("safety"):
+        return []
+    from .safety import render_markdown as safety_markdown
+
+    return ["", safety_markdown(results["safety"], heading="##").rstrip("\n")]
 
 
 def _other_own(runs: list[dict], key: str) -> str:
@@ -324,6 +335,10 @@ def render_plots(results: dict, out: Path) -> list[Path]:
     paths.append(out / "interference.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+    if results.get("safety"):
+        from .safety import render_plot as safety_plot
+
+        paths.append(safety_plot(results["safety"], out / "safety.png"))
     return paths
 
 

@@ -30,7 +30,7 @@ from .errors import OrthomergeError
 log = logging.getLogger("orthomerge")
 
 # Files whose presence says "orthomerge wrote this folder" (merge output, adapter, experiment).
-MARKERS = ("merge_report.json", "orthomerge.json", "results.json", ".orthomerge")
+MARKERS = ("merge_report.json", "orthomerge.json", "results.json", "safety.md", ".orthomerge")
 EXPERIMENT_MARKER = ".orthomerge"   # written first by an experiment, so an interrupted one is resumed
 _TMP, _OLD = "orthomerge-tmp", "orthomerge-old"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_common
+from . import add_common, add_output, checked_out
 
 
 DETECTORS = ("phrase", "likelihood", "both")   # as orthomerge.safety.DETECTORS (not imported: torch is slow)
@@ -31,7 +31,7 @@ def register(sub) -> None:
     p.add_argument("--harmful", default=None, metavar="JSONL", help="own harmful prompts (id, prompt, category)")
     p.add_argument("--harmless", default=None, metavar="JSONL", help="own harmless prompts (id, prompt, category)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default cpu)")
-    p.add_argument("--out", default="runs/safety", help="output folder, written atomically (default runs/safety)")
+    add_output(p, "output folder, written atomically (default runs/safety)", required=False, default="runs/safety")
     add_common(p, model=False)
     p.set_defaults(func=run)
 
@@ -56,9 +56,11 @@ def run(args: argparse.Namespace) -> None:
     import shlex
 
     from ..adapters import load_adapter
-    from ..errors import OrthomergeError, atomic_dir
+    from ..errors import OrthomergeError
+    from ..outputs import atomic_dir
     from ..safety import DEFAULT_DETECTOR, compare_safety, render_markdown, render_plot
 
+    checked_out(args, [*(args.adapters or []), *(args.merged or []), args.harmful, args.harmless])
     if args.limit is not None and args.limit < 1:
         raise OrthomergeError(f"--limit must be ≥ 1, got {args.limit}")
     variants, kinds = {}, {}

@@ -330,20 +330,17 @@ def _(w):
                 [names(prev), ["exist"], ["--overwrite"]])
 
 
-@refusal("out-previous-merge-holding-input-overwrite")
-def _(w):
+def _previous_merge_holding(w, where: str):
+    """An earlier merge output that holds an input adapter at ``where`` (directly or deeper)."""
     prev = w.merge([w.adapter("old_one"), w.adapter("old_two")], w.root / "prev_merge")
-    inside = w.adapter("alpha_task", "prev_merge/alpha_task")
-    return Case(merge_argv("task_arithmetic", [inside, w.adapter("beta_task")], prev, "--overwrite"),
+    held = w.adapter("alpha_task", f"prev_merge/{where}")
+    return Case(merge_argv("task_arithmetic", [held, w.adapter("beta_task")], prev, "--overwrite"),
                 [names(prev)])
 
 
-@refusal("out-previous-merge-ancestor-of-input-overwrite")
-def _(w):
-    prev = w.merge([w.adapter("old_one"), w.adapter("old_two")], w.root / "prev_merge")
-    deep = w.adapter("alpha_task", "prev_merge/nested/deeper/alpha_task")
-    return Case(merge_argv("task_arithmetic", [deep, w.adapter("beta_task")], prev, "--overwrite"),
-                [names(prev)])
+refusal("out-previous-merge-holding-input-overwrite")(lambda w: _previous_merge_holding(w, "alpha_task"))
+refusal("out-previous-merge-ancestor-of-input-overwrite")(
+    lambda w: _previous_merge_holding(w, "nested/deeper/alpha_task"))
 
 
 @refusal("out-is-input-merge-output-overwrite")

@@ -97,8 +97,12 @@ class LoraAdapter:
         return self.A[module].shape[0]
 
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(s·B, A)``: the scale folded into B, so ``ΔW = B' @ A``."""
+        """``(s·B, A)``: the scale folded into B, so ``ΔW = B' @ A`` (stored dtype)."""
         return self.B[module] * self.scaling[module], self.A[module]
+
+    def scaled_factors(self, module: str, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w·s·B, A)`` in float32: what every merge rule computes with."""
+        return self.B[module].to(torch.float32) * (self.scaling[module] * weight), self.A[module].to(torch.float32)
 
     def delta(self, module: str) -> torch.Tensor:
         """Dense ``ΔW = s·B@A`` (float32 at least)."""

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -257,3 +258,21 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(str(tuple(param.shape)).encode())
         digest.update(flat.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def model_for_heads(model, heads: dict, where):
+    """A copy of ``model`` whose head shapes fit ``heads`` (a task may have another number of labels)."""
+    state = model.state_dict()
+    odd = {k: v.shape for k, v in heads.items() if k not in state or state[k].shape != v.shape}
+    if not odd:
+        return copy.deepcopy(model)
+    labels = {v[0] for k, v in odd.items() if k.endswith("weight")}
+    if len(labels) != 1:
+        raise OrthomergeError(f"{where}: head tensors {sorted(odd)} do not fit the base model")
+    config = copy.deepcopy(model.config)
+    config.num_labels = labels.pop()
+    new = type(model)(config)
+    missing = [k for k in heads if k not in new.state_dict() or new.state_dict()[k].shape != heads[k].shape]
+    if missing:
+        raise OrthomergeError(f"{where}: head tensor {missing[0]!r} does not fit the base model")
+    return new

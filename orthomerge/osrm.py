@@ -15,17 +15,10 @@ from torch import nn
 
 from .adapters import LoraAdapter
 from .errors import OrthomergeError
+from .linalg import fix_signs
 from .stats import ActivationStats, check_matches_model, check_same_source
 
 VARIANTS = ("paper", "official")
-
-
-def fix_signs(rows: np.ndarray) -> np.ndarray:
-    """Make the largest-magnitude entry of each row positive (first index on a tie)."""
-    pivot = np.abs(rows).argmax(axis=1)
-    signs = np.sign(rows[np.arange(len(rows)), pivot])
-    signs[signs == 0] = 1.0
-    return rows * signs[:, None]
 
 
 def smallest_eigenvectors(matrix: np.ndarray, rank: int, subset: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger("orthomerge")
 
-from ..models import LABELLED_TASK_TYPES
+from ..models import LABELLED_TASK_TYPES, model_for_heads
 from ..adapters import WEIGHTS_NAME, LoraAdapter, load_adapter, save_adapter, validate_adapter
 from ..errors import OrthomergeError
 from ..outputs import atomic_dir, check_output
@@ -121,7 +121,7 @@ class MergeResult:
                 state[f"{module}.weight"] = (w.to(torch.float32) + delta).to(w.dtype)
             for name, delta in self.bias_delta.items():
                 state[name] = (base_state[name].to(torch.float32) + delta).to(base_state[name].dtype)
-            model = _model_for_heads(self.model, heads, folder)
+            model = model_for_heads(self.model, heads, folder)
             state.update(heads)
             model.load_state_dict(state, strict=True)
             folder.mkdir(parents=True, exist_ok=True)
@@ -129,24 +129,6 @@ class MergeResult:
             for name in TOKENIZER_FILES:
                 if src.is_dir() and (src / name).exists():
                     shutil.copy(src / name, folder / name)
-
-
-def _model_for_heads(model, heads: dict, where: Path):
-    """A copy of ``model`` whose head shapes fit ``heads`` (a task may have another number of labels)."""
-    state = model.state_dict()
-    odd = {k: v.shape for k, v in heads.items() if k not in state or state[k].shape != v.shape}
-    if not odd:
-        return copy.deepcopy(model)
-    labels = {v[0] for k, v in odd.items() if k.endswith("weight")}
-    if len(labels) != 1:
-        raise OrthomergeError(f"{where}: head tensors {sorted(odd)} do not fit the base model")
-    config = copy.deepcopy(model.config)
-    config.num_labels = labels.pop()
-    new = type(model)(config)
-    missing = [k for k in heads if k not in new.state_dict() or new.state_dict()[k].shape != heads[k].shape]
-    if missing:
-        raise OrthomergeError(f"{where}: head tensor {missing[0]!r} does not fit the base model")
-    return new
 
 
 # ---------------------------------------------------------------- inputs and validation

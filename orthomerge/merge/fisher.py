@@ -58,7 +58,7 @@ class TaskModels:
     """
 
     def __init__(self, model, adapters, names):
-        from .api import _model_for_heads
+        from ..models import model_for_heads
 
         self.adapters = adapters
         base = model.state_dict()
@@ -66,7 +66,7 @@ class TaskModels:
         for adapter, name in zip(adapters, names):
             key = tuple(sorted((k, tuple(v.shape)) for k, v in adapter.heads.items()))
             if key not in self.models:
-                copy = _model_for_heads(model, adapter.heads, name)
+                copy = model_for_heads(model, adapter.heads, name)
                 copy.load_state_dict({**base, **adapter.heads}, strict=True)
                 copy.requires_grad_(False)   # only module outputs / coefficients are differentiated
                 self.models[key] = copy.eval()

@@ -7,8 +7,8 @@
 * :func:`recompress_factors` — exact truncation to rank k; Σ goes into B (PEFT's ``svd`` convention:
   ``B' = U_k Σ_k``, ``A' = V_kᵀ``).
 * :func:`recompress_dense` — rank-k approximation of a dense (full-rank) update: exact SVD for
-  matrices up to ``EXACT_SVD_MAX`` entries (float32 LAPACK), randomized range finder (4 power iterations, 10 extra
-  columns) above. In both cases the reported error is that of the factors as written: ``‖ΔW − B A‖_F``
+  matrices up to ``EXACT_SVD_MAX`` entries (float32 LAPACK), randomized SVD above
+  (``torch.svd_lowrank``: 4 power iterations, 10 extra columns, seeded without touching the global RNG). In both cases the reported error is that of the factors as written: ``‖ΔW − B A‖_F``
   accumulated in float64 over row blocks (``‖ΔW‖² − ‖Σ_k‖²`` would be float32 cancellation noise when
   little is discarded).
 
@@ -20,8 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..linalg import svd_flip
+
 EPS32 = torch.finfo(torch.float32).eps
 EXACT_SVD_MAX = 2048 * 2048
+OVERSAMPLE = 10   # extra columns of the randomized range finder
 
 
 @dataclass
@@ -50,16 +53,6 @@ def numerical_rank(s: torch.Tensor, shape: tuple[int, int], rtol: float | None =
         return 0
     tol = rtol if rtol is not None else max(shape) * EPS32
     return int((s > tol * s[0]).sum())
-
-
-def svd_flip(u: torch.Tensor, vh: torch.Tensor | None = None):
-    """Deterministic signs: the largest-|·| entry of every column of ``u`` is made positive (rows of ``vh``
-    flipped with it). Element-wise rules in a singular basis depend on these signs."""
-    idx = u.abs().argmax(dim=0)
-    signs = torch.sign(u[idx, torch.arange(u.shape[1])])
-    signs[signs == 0] = 1
-    u = u * signs
-    return (u, vh * signs[:, None]) if vh is not None else u
 
 
 def orth_basis(x: torch.Tensor, rtol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,18 +90,6 @@ def recompress_factors(B: torch.Tensor, A: torch.Tensor, rank: int | None) -> tu
     return (u[:, :k] * s[:k]).to(torch.float32), vh[:k].to(torch.float32), loss
 
 
-def _randomized_range(d: torch.Tensor, k: int, niter: int = 4, oversample: int = 10, seed: int = 0) -> torch.Tensor:
-    """Orthonormal basis [m, k+p] approximating the range of ``d`` (Halko et al., power iterations)."""
-    m, n = d.shape
-    g = torch.Generator().manual_seed(seed)
-    omega = torch.randn(n, min(k + oversample, min(m, n)), generator=g, dtype=d.dtype)
-    q, _ = torch.linalg.qr(d @ omega)
-    for _ in range(niter):
-        q, _ = torch.linalg.qr(d.T @ q)
-        q, _ = torch.linalg.qr(d @ q)
-    return q
-
-
 def recompress_dense(d: torch.Tensor, rank: int, svd: str = "auto") -> tuple[torch.Tensor, torch.Tensor, Loss]:
     """Best (``exact``) or near-best (``randomized``) rank-``rank`` factors of a dense ``d``, Σ in B."""
     m, n = d.shape
@@ -120,13 +101,13 @@ def recompress_dense(d: torch.Tensor, rank: int, svd: str = "auto") -> tuple[tor
         rho = numerical_rank(s, (m, n))
         k = min(k, rho)
         B, A = u[:, :k] * s[:k], vh[:k]
-    elif how == "randomized":
-        q = _randomized_range(d, k)
-        small = (q.T @ d).to(torch.float64)
-        us, s, vh = torch.linalg.svd(small, full_matrices=False)
+    elif how == "randomized":   # Halko et al.: 4 power iterations, 10 extra columns, a fixed seed
+        with torch.random.fork_rng(devices=[]):   # the caller's global RNG state is left as it was
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(d, q=min(k + OVERSAMPLE, m, n), niter=4)
         rho = numerical_rank(s, (m, n))
         k = min(k, rho)
-        B, A = q.to(torch.float64) @ (us[:, :k] * s[:k]), vh[:k]
+        B, A = u[:, :k] * s[:k], v[:, :k].T
     else:
         raise ValueError(f"svd={svd!r}")
     B, A = B.to(torch.float32), A.to(torch.float32)

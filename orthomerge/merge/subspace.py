@@ -23,7 +23,8 @@ import torch
 
 from .elementwise import (DARE_DEFAULTS, PRUNE_DEFAULTS, TIES_DEFAULTS, dare_linear_kernel, dare_ties_kernel,
                           magnitude_prune_kernel, ta_kernel, ties_kernel)
-from .recompress import numerical_rank, orth_basis, svd_flip
+from ..linalg import svd_flip
+from .recompress import numerical_rank, orth_basis
 from .registry import DenseTasks, LowRank, ModuleTask, register
 from .spectral import tsv_kernel
 

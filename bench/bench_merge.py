@@ -111,7 +111,7 @@ def child_ours(case: dict) -> dict:
     from orthomerge.adapters import LoraAdapter
     from orthomerge.merge import merge_adapters
     from orthomerge.merge.elementwise import ties_kernel
-    from orthomerge.merge.registry import ModuleTask
+    from orthomerge.merge.registry import ModuleUpdates
 
     t, method = case["t"], case["method"]
     params = {"density": 0.2} if method in ("ties", "dare_ties") else {}
@@ -141,7 +141,7 @@ def child_ours(case: dict) -> dict:
     elif method in ("tsv", "iso_c") and case.get("ref"):
         out["error"] = rel(got, {mod: dense_spectral(method, fs) for mod, fs in factors.items()})
     elif method == "ties":
-        tasks = [ModuleTask(mod, fs, [1.0] * t) for mod, fs in factors.items()]
+        tasks = [ModuleUpdates(mod, fs, [1.0] * t) for mod, fs in factors.items()]
         s = time.perf_counter()
         fast = {task.name: ties_kernel(task, density=0.2, select="partition") for task in tasks}
         out["rule_partition_s"] = time.perf_counter() - s
@@ -197,9 +197,9 @@ def child_peft(case: dict) -> dict:
         out["error"] = rel(got, {mod: dense_sum(fs) for mod, fs in factors.items()})
     elif kind == "ties_svd":
         from orthomerge.merge.elementwise import ties_kernel
-        from orthomerge.merge.registry import ModuleTask
+        from orthomerge.merge.registry import ModuleUpdates
 
-        ref = {mod: ties_kernel(ModuleTask(mod, fs, [1.0] * t), density=0.2) for mod, fs in factors.items()}
+        ref = {mod: ties_kernel(ModuleUpdates(mod, fs, [1.0] * t), density=0.2) for mod, fs in factors.items()}
         out["truncation_error"] = rel(got, ref)
     return out
 

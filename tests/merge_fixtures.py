@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from orthomerge.merge.registry import ModuleTask
+from orthomerge.merge.registry import ModuleUpdates
 
 NUM_LABELS = 3
 
@@ -76,22 +76,22 @@ def adapter_dirs(tmp_path_factory, merge_model_dir):
 
 
 def random_task(m: int = 24, n: int = 20, ranks=(3, 2, 4), weights=None, seed: int = 0,
-                name: str = "mod") -> ModuleTask:
+                name: str = "mod") -> ModuleUpdates:
     """A :class:`ModuleTask` of random float32 factors (scale already folded)."""
     g = torch.Generator().manual_seed(seed)
     factors = [(torch.randn(m, r, generator=g), torch.randn(r, n, generator=g) / n**0.5) for r in ranks]
     weights = list(weights) if weights is not None else [1.0] * len(ranks)
-    return ModuleTask(name=name, factors=factors, weights=weights, seeds=[seed * 100 + i for i in range(len(ranks))])
+    return ModuleUpdates(name=name, factors=factors, weights=weights, seeds=[seed * 100 + i for i in range(len(ranks))])
 
 
-def permuted(task: ModuleTask, order) -> ModuleTask:
-    return ModuleTask(name=task.name, factors=[task.factors[i] for i in order],
+def permuted(task: ModuleUpdates, order) -> ModuleUpdates:
+    return ModuleUpdates(name=task.name, factors=[task.factors[i] for i in order],
                       weights=[task.weights[i] for i in order], seeds=[task.seeds[i] for i in order],
                       grams=[task.grams[i] for i in order] if task.grams else None,
                       tokens=[task.tokens[i] for i in order] if task.tokens else None)
 
 
-def deltas(task: ModuleTask) -> list[np.ndarray]:
+def deltas(task: ModuleUpdates) -> list[np.ndarray]:
     return [(b.double() @ a.double()).numpy() for b, a in task.factors]
 
 

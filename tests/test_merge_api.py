@@ -12,7 +12,7 @@ from merge_fixtures import (NUM_LABELS, adapter_dirs, load_base, merge_model_dir
 
 from orthomerge.adapters import load_adapter
 from orthomerge.merge import merge_adapters
-from orthomerge.merge.api import REPORT_NAME
+from orthomerge.merge import REPORT_NAME
 
 WEIGHTS = [0.5, 1.2, -0.7]
 

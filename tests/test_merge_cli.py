@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from orthomerge import cli
 from orthomerge.adapters import load_adapter
-from orthomerge.merge.api import REPORT_NAME
+from orthomerge.merge import REPORT_NAME
 
 
 @pytest.fixture(autouse=True)

@@ -14,11 +14,13 @@ from orthomerge import cli
 from orthomerge.adapters import load_adapter
 from orthomerge.errors import OrthomergeError
 from orthomerge.merge import get_method, merge_adapters, run_recipe
-from orthomerge.merge.api import RECIPE_NAME, load_recipe
+from orthomerge.merge import load_recipe
+from orthomerge.merge.search import RECIPE_NAME
 from orthomerge.merge.continual import ContinualMerger
 from orthomerge.merge.do_merging import orthogonalise, orthogonality_loss
 from orthomerge.merge.doge import gap_loss, refine, shared_basis
-from orthomerge.merge.fisher import TaskModels, adapter_factors, diagonal_fisher
+from orthomerge.merge.data import TaskModels
+from orthomerge.merge.fisher import diagonal_fisher
 from orthomerge.merge.registry import MergeContext
 from orthomerge.merge.search import fidelities, grid, successive_halving
 from orthomerge.tasks import Split, Task
@@ -225,7 +227,7 @@ def test_fisher_matches_brute_force(tiny_bert, bert_adapters, mode):
     data = split(6)
     model = load_model(tiny_bert)
     models = TaskModels(model, [adapter], ["t0"])
-    got = diagonal_fisher(models.get(0), load_tokenizer(tiny_bert), data, adapter_factors(adapter, adapter.modules),
+    got = diagonal_fisher(models.get(0), load_tokenizer(tiny_bert), data, {m: adapter.scaled_factors(m) for m in adapter.modules},
                           mode, max_length=32, batch_size=4)
     ref = brute_fisher(tiny_bert, adapter, data, mode)
     for m in adapter.modules:

@@ -10,12 +10,12 @@ from orthomerge.errors import OrthomergeError
 from orthomerge.merge import METHODS, get_method
 from orthomerge.merge.elementwise import abs_histogram_threshold, trim_threshold
 from orthomerge.merge.recompress import factored_svd, recompress_dense, recompress_factors
-from orthomerge.merge.registry import ModuleTask, PerTask
+from orthomerge.merge.registry import ModuleUpdates, PerTask
 
 TOL = 1e-5
 
 
-def with_grams(task: ModuleTask, seed: int = 7) -> ModuleTask:
+def with_grams(task: ModuleUpdates, seed: int = 7) -> ModuleUpdates:
     g = torch.Generator().manual_seed(seed)
     n = task.shape[1]
     task.grams, task.tokens = [], []
@@ -26,14 +26,14 @@ def with_grams(task: ModuleTask, seed: int = 7) -> ModuleTask:
     return task
 
 
-def run(name: str, task: ModuleTask, **params):
+def run(name: str, task: ModuleUpdates, **params):
     spec = get_method(name)
     return spec.fn(task, **spec.resolve(params))
 
 
 def outputs(result) -> list[np.ndarray]:
     if isinstance(result, PerTask):
-        return [update(u) * (nu / de) for u, nu, de in zip(result.updates, result.numer, result.denom)]
+        return [update(u) * (nu / de) for u, nu, de in zip(result.updates, *result.info)]
     return [update(result)]
 
 
@@ -170,7 +170,7 @@ def test_dare_linear_drops_and_rescales():
 def test_dare_ties_is_ties_election_on_dropped_tasks():
     task = random_task(seed=8)
     got = update(run("dare_ties", task, density=0.6))
-    dropped = [update(run("dare_linear", ModuleTask(task.name, [f], [1.0], [s]), density=0.6))
+    dropped = [update(run("dare_linear", ModuleUpdates(task.name, [f], [1.0], [s]), density=0.6))
                for f, s in zip(task.factors, task.seeds)]
     assert rel(got, ref_ties(dropped, task.weights, 1.0)) < TOL
 

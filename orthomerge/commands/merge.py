@@ -87,7 +87,5 @@ def run(args: argparse.Namespace) -> None:
     total = result.report["total"]
     print(f"{result.method}: wrote {result.path} (total re-compression error {total['rel_error']:.3g}, "
           f"{result.report['timing']['merge_s']:.2f} s)")
-    if result.report.get("best_recipe"):
-        best = result.report["search"]["best"]
-        print(f"search: best {best['method']} {best['params']} λ={best['lambda']} (score {best['score']:.4g}); "
-              f"recipe: {result.path}/recipe.yaml")
+    if result.report.get("summary"):   # a method's own one-line outcome (e.g. search's winner)
+        print(result.report["summary"])

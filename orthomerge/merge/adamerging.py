@@ -20,12 +20,15 @@ experiment does not sweep it. A bare rule call without learned coefficients uses
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from ..errors import OrthomergeError
-from .fisher import TaskModels, adapter_factors, batches, data_split, lowrank_hooks
+from ..encoding import batches, encode, pad
+from .data import TaskModels, data_split, lowrank_hooks
 from .linear import stack_factors
-from .registry import LowRank, MergeContext, ModuleTask, Prepared, register
+from .registry import LowRank, MergeContext, ModuleUpdates, Prepared, register
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -40,7 +43,7 @@ class _Merged:
     def __init__(self, ctx: MergeContext, lam: torch.Tensor, layerwise: bool):
         self.factors, self.index = {}, {}
         for k, m in enumerate(ctx.modules):
-            parts = [adapter_factors(a, [m], w)[m] for a, w in zip(ctx.adapters, ctx.weights)]
+            parts = [a.scaled_factors(m, w) for a, w in zip(ctx.adapters, ctx.weights)]
             self.factors[m] = (torch.cat([b for b, _ in parts], 1), torch.cat([a for _, a in parts], 0))
             owner = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor([a.shape[0] for _, a in parts]))
             self.index[m] = (k if layerwise else 0, owner)
@@ -70,8 +73,6 @@ def mean_entropy(models: TaskModels, merged: _Merged, splits: list, tokenizer, m
 
 
 def _prepare(ctx: MergeContext) -> Prepared:
-    from ..train import encode
-
     p = ctx.params
     tok = ctx.get_tokenizer()
     models = TaskModels(ctx.model, ctx.adapters, ctx.names)
@@ -92,7 +93,7 @@ def _prepare(ctx: MergeContext) -> Prepared:
         loss, grad = 0.0, torch.zeros_like(lam)
         for i, enc in enumerate(encoded):   # one task at a time: tasks may share a model copy (heads swapped in)
             idx = torch.randperm(len(enc), generator=generator)[:int(p["batch_size"])].tolist()
-            batch = tok.pad([enc[j] for j in idx], return_tensors="pt")
+            batch = pad(tok, enc, idx)
             model = models.get(i)
             with merged.hooks(model), torch.enable_grad():
                 task_loss = entropy(model(**batch).logits).mean()
@@ -117,14 +118,12 @@ def _prepare(ctx: MergeContext) -> Prepared:
 
 
 @register("adamerging", space="factored", family="data", needs_data=True, prepare=_prepare,
-          defaults={"granularity": "layer", "init": 0.3, "lr": 0.01, "steps": 100, "batch_size": 16, "samples": 0,
-                    "split": "validation", "max_length": 64, "clamp": False},
-          choices={"granularity": ("layer", "task"), "split": ("validation", "train"), "clamp": (True, False)},
           summary="AdaMerging: task/layer-wise λ learned by entropy minimisation on unlabelled validation "
                   "inputs (all adapters active via hooks, exact rank Σr; needs --model and --data)")
-def adamerging(task: ModuleTask, granularity: str = "layer", init: float = 0.3, lr: float = 0.01, steps: int = 100,
-               batch_size: int = 16, samples: int = 0, split: str = "validation", max_length: int = 64,
+def adamerging(updates: ModuleUpdates, granularity: Literal["layer", "task"] = "layer", init: float = 0.3,
+               lr: float = 0.01, steps: int = 100, batch_size: int = 16, samples: int = 0,
+               split: Literal["validation", "train"] = "validation", max_length: int = 64,
                clamp: bool = False) -> LowRank:
     """Σ_i λ_i w_i ΔW_i with the learned λ of this module (λ = 1 without ``prepare``)."""
-    coeffs = (task.extras or {}).get("coefficients") or [1.0] * len(task)
-    return LowRank(*stack_factors(task, [c * w for c, w in zip(coeffs, task.weights)]))
+    coeffs = (updates.extras or {}).get("coefficients") or [1.0] * len(updates)
+    return LowRank(*stack_factors(updates, [c * w for c, w in zip(coeffs, updates.weights)]))

@@ -36,12 +36,13 @@ What is exact and what differs from the reference code (FusionBench ``OPCM.merge
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
 from ..errors import OrthomergeError
 from .recompress import factored_svd
-from .registry import LowRank, MergeContext, ModuleTask, Prepared, module_seed, register
+from .registry import LowRank, MergeContext, ModuleUpdates, Prepared, module_seed, register
 
 
 def split_rank(s: torch.Tensor, alpha: float) -> int:
@@ -113,8 +114,7 @@ class ContinualMerger:
 
     def add_adapter(self, adapter, weight: float = 1.0) -> None:
         """Merge a :class:`~orthomerge.adapters.LoraAdapter` (its scale folded, times ``weight``)."""
-        self.add({m: (adapter.B[m].to(torch.float32) * adapter.scaling[m] * weight, adapter.A[m].to(torch.float32))
-                  for m in adapter.modules})
+        self.add({m: adapter.scaled_factors(m, weight) for m in adapter.modules})
 
     def _norm(self, module: str) -> float:
         mods = self.states if module == "" else [module]
@@ -166,20 +166,19 @@ def _prepare(ctx: MergeContext) -> Prepared:
 
 
 @register("continual", space="factored", family="continual", prepare=_prepare,
-          defaults={"alpha": 0.5, "scale": 1.0, "order": "shuffle", "norm_scope": "model", "max_rank": 0},
-          choices={"order": ("shuffle", "given"), "norm_scope": ("model", "module")},
           summary="OPCM continual merging: each update projected off the merged one's top/diagonal "
                   "singular directions, adaptive norm scaling; factored, constant memory")
-def continual(task: ModuleTask, alpha: float = 0.5, scale: float = 1.0, order: str = "shuffle",
-              norm_scope: str = "model", max_rank: int = 0) -> LowRank:
+def continual(updates: ModuleUpdates, alpha: float = 0.5, scale: float = 1.0,
+              order: Literal["shuffle", "given"] = "shuffle", norm_scope: Literal["model", "module"] = "model",
+              max_rank: int = 0) -> LowRank:
     """OPCM for one module. Through the API the merge was streamed in ``prepare`` (model-level norms);
     called on its own, the module is the whole model and the order comes from ``task.seeds``."""
-    if task.extras and "merged" in task.extras:
-        d = task.extras["merged"]
+    if updates.extras and "merged" in updates.extras:
+        d = updates.extras["merged"]
         return LowRank(d.B * scale, d.A)
     merger = ContinualMerger(alpha, "module", int(max_rank))
-    keys = task.seeds or list(range(len(task)))
+    keys = updates.seeds or list(range(len(updates)))
     for i in arrival_order(keys, order):
-        b, a = task.factors[i]
-        merger.add({task.name: (b * task.weights[i], a)})
-    return merger.delta(task.name, scale)
+        b, a = updates.factors[i]
+        merger.add({updates.name: (b * updates.weights[i], a)})
+    return merger.delta(updates.name, scale)

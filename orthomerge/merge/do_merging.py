@@ -31,10 +31,12 @@ bug. λ = ``scale`` multiplies the result (linear: the experiment sweeps it). Id
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from ..errors import OrthomergeError
-from .registry import LowRank, ModuleTask, register
+from .registry import LowRank, ModuleUpdates, register
 
 
 def _off_blocks(sizes: list[int]) -> torch.Tensor:
@@ -59,19 +61,6 @@ def orthogonalise(rows: list[torch.Tensor], gamma: float, steps: int, lr: float)
     return [blk * n for blk, n in zip(torch.split(out, sizes, 0), norms)]
 
 
-def orthogonality_loss(rows: list[torch.Tensor], perturbed: list[torch.Tensor], gamma: float) -> float:
-    """The normalised L of :func:`orthogonalise` (for reports and tests)."""
-    total = 0.0
-    norms = [float(x.norm()) or 1.0 for x in rows]
-    xs = [p.to(torch.float64) / n for p, n in zip(perturbed, norms)]
-    for i, xi in enumerate(xs):
-        for j, xj in enumerate(xs):
-            if i != j:
-                total += float(((xi @ xj.T) ** 2).sum())
-        total += gamma * float(((xi - rows[i].to(torch.float64) / norms[i]) ** 2).sum())
-    return total
-
-
 def _axis_norms(b: torch.Tensor, a: torch.Tensor, axis: str) -> torch.Tensor:
     """Row (``b`` side) or column norms of ``b @ a`` from an r×r Gram, never the dense product."""
     if axis == "row":
@@ -88,21 +77,19 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 @register("do_merging", space="factored", family="orthogonal",
-          defaults={"scale": 1.0, "gamma": 1.0, "steps": 100, "lr": 1.0, "magnitude": "row", "direction": "sum"},
-          choices={"magnitude": ("row", "column"), "direction": ("sum", "normalize")},
           summary="DO-Merging: orthogonalise factors by a few data-free gradient steps, then merge "
                   "magnitudes (mean) and directions (weighted sum) separately; rank Σr, exact")
-def do_merging(task: ModuleTask, scale: float = 1.0, gamma: float = 1.0, steps: int = 100, lr: float = 1.0,
-               magnitude: str = "row", direction: str = "sum") -> LowRank:
+def do_merging(updates: ModuleUpdates, scale: float = 1.0, gamma: float = 1.0, steps: int = 100, lr: float = 1.0,
+               magnitude: Literal["row", "column"] = "row", direction: Literal["sum", "normalize"] = "sum") -> LowRank:
     """DO-Merging for one module (see the module docstring for the exact rule)."""
     if gamma < 0 or steps < 0 or lr <= 0:
         raise OrthomergeError(f"do_merging: need gamma ≥ 0, steps ≥ 0, lr > 0 (got {gamma}, {steps}, {lr})")
-    a_hat = orthogonalise([a for _, a in task.factors], gamma, int(steps), lr)
-    b_hat = [b.T for b in orthogonalise([b.T for b, _ in task.factors], gamma, int(steps), lr)]
+    a_hat = orthogonalise([a for _, a in updates.factors], gamma, int(steps), lr)
+    b_hat = [b.T for b in orthogonalise([b.T for b, _ in updates.factors], gamma, int(steps), lr)]
     mags = [_axis_norms(b, a, magnitude) for b, a in zip(b_hat, a_hat)]
     mean = torch.stack(mags).mean(0)
     ones = torch.ones_like(mean)
-    dirs = [_rescale(b * w, a, _ratio(ones, mu), magnitude) for b, a, mu, w in zip(b_hat, a_hat, mags, task.weights)]
+    dirs = [_rescale(b * w, a, _ratio(ones, mu), magnitude) for b, a, mu, w in zip(b_hat, a_hat, mags, updates.weights)]
     B = torch.cat([b for b, _ in dirs], 1)          # Σ_i w_i D_i as one rank-Σr product
     A = torch.cat([a for _, a in dirs], 0)
     target = mean if direction == "sum" else _ratio(mean, _axis_norms(B, A, magnitude))

@@ -28,7 +28,7 @@ What differs from the reference code (FusionBench ``DOGE_TA_Algorithm``), and wh
   gradient only, and Adam's element-wise scaling then leaks its step back into the shared subspace; here
   the step is projected too, so δ stays exactly off the subspace (the paper's constraint).
 * Masking: ``trim_scope="model"`` (default; the code's one threshold per task over all its weights, computed
-  exactly by the API) or ``"tensor"``; a direct call without thresholds trims per tensor. ``density`` = 1
+  exactly by the ``prepare`` hook shared with TIES) or ``"tensor"``; a direct call without thresholds trims per tensor. ``density`` = 1
   keeps everything. Weights w_i scale λ_i (a negative weight flips its task; the gap objective still pulls
   towards every expert). Dense in m×n per module (δ and the masks are dense by definition).
 """
@@ -37,22 +37,16 @@ from __future__ import annotations
 import torch
 
 from ..errors import OrthomergeError
-from .elementwise import check_density, trim_threshold
+from .elementwise import TrimScope, check_density, prepare_trim_scope, trim_threshold
 from .recompress import factored_svd, orth_basis
-from .registry import Dense, ModuleTask, per_task, register
+from .registry import Dense, Density, ModuleUpdates, broadcast, register
 
 
-def gap_loss(taus: list[torch.Tensor], lambdas: list[float], delta: torch.Tensor) -> float:
-    """L(δ) of the module docstring (any consistent units)."""
-    merged = sum(l * t for l, t in zip(lambdas, taus)) + sum(lambdas) * delta
-    return float(sum(((t * (t - merged)).sum(1) ** 2).sum() for t in taus))
-
-
-def shared_basis(task: ModuleTask, subspace: float) -> torch.Tensor:
+def shared_basis(updates: ModuleUpdates, subspace: float) -> torch.Tensor:
     """U_k (m×k, float64): the most shared directions of the tasks' top left singular vectors."""
-    m, n = task.shape
-    budget = max(1, min(m, n) // len(task))
-    us = [factored_svd(b, a)[0][:, :budget] for b, a in task.factors]
+    m, n = updates.shape
+    budget = max(1, min(m, n) // len(updates))
+    us = [factored_svd(b, a)[0][:, :budget] for b, a in updates.factors]
     stacked = torch.cat(us, 1)
     if stacked.shape[1] == 0:
         return stacked
@@ -69,49 +63,43 @@ def refine(taus: list[torch.Tensor], lambdas: list[float], basis: torch.Tensor, 
     ts = [t / rms for t in taus]
     c = sum(lambdas)
     fixed = sum(l * t for l, t in zip(lambdas, ts))
-    delta = torch.zeros_like(ts[0])
-    m1, m2 = torch.zeros_like(delta), torch.zeros_like(delta)
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    for step in range(1, steps + 1):
-        merged = fixed + c * delta
-        errors = [(t * (t - merged)).sum(1, keepdim=True) for t in ts]
-        if history is not None:
-            history.append(float(sum((e ** 2).sum() for e in errors)) * rms ** 4)
-        grad = -2.0 * c * sum(e * t for e, t in zip(errors, ts))
-        if basis.shape[1]:
-            grad = grad - basis @ (basis.T @ grad)
-        m1.mul_(beta1).add_(grad, alpha=1 - beta1)
-        m2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (m2 / (1 - beta2 ** step)).sqrt_().add_(eps)
-        update = (m1 / (1 - beta1 ** step)) / denom
-        if basis.shape[1]:   # Adam's element-wise scaling would leak the step back into the subspace
-            update = update - basis @ (basis.T @ update)
-        delta = delta - lr * update
-    return delta * rms
+    delta = torch.zeros_like(ts[0], requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+    def off_subspace(x: torch.Tensor) -> torch.Tensor:
+        return x - basis @ (basis.T @ x) if basis.shape[1] else x
+
+    for _ in range(steps):
+        with torch.no_grad():
+            merged = fixed + c * delta
+            errors = [(t * (t - merged)).sum(1, keepdim=True) for t in ts]
+            if history is not None:
+                history.append(float(sum((e ** 2).sum() for e in errors)) * rms ** 4)
+            delta.grad = off_subspace(-2.0 * c * sum(e * t for e, t in zip(errors, ts)))   # closed form
+        optimiser.step()
+        with torch.no_grad():   # Adam's element-wise scaling would leak the step back into the subspace
+            delta.copy_(off_subspace(delta))
+    return delta.detach() * rms
 
 
-DOGE_DEFAULTS = {"scale": 1.0, "lamda": 1.0, "density": 0.3, "subspace": 6.0, "steps": 400, "lr": 0.1,
-                 "trim_scope": "model"}
-
-
-@register("doge", space="dense", family="projective", defaults=DOGE_DEFAULTS,
+@register("doge", space="dense", family="projective", prepare=prepare_trim_scope,
           summary="DOGE: task-arithmetic merge refined by projected gradient descent on each task's gap "
                   "to its expert, norm-aware coefficients, top-k masks; dense")
-def doge(task: ModuleTask, scale: float = 1.0, lamda: float = 1.0, density: float = 0.3, subspace: float = 6.0,
-         steps: int = 400, lr: float = 0.1, trim_scope: str = "model", thresholds=None,
-         history: list | None = None) -> Dense:
+def doge(updates: ModuleUpdates, scale: float = 1.0, lamda: float = 1.0, density: Density = 0.3, subspace: float = 6.0,
+         steps: int = 400, lr: float = 0.1, trim_scope: TrimScope = "model") -> Dense:
     """DOGE for one module; identity for one adapter at density 1 (λ = 1, the gap is 0 at δ = 0)."""
     if subspace < 1 or steps < 0 or lr <= 0:
         raise OrthomergeError(f"doge: need subspace ≥ 1, steps ≥ 0, lr > 0 (got {subspace}, {steps}, {lr})")
-    dens = per_task(density, len(task), "density")
+    dens = broadcast(density, len(updates), "density")
+    thresholds = (updates.extras or {}).get("thresholds")   # model scope: from prepare_trim_scope
     check_density(dens)
-    taus = [b.to(torch.float64) @ a.to(torch.float64) for b, a in task.factors]
+    taus = [b.to(torch.float64) @ a.to(torch.float64) for b, a in updates.factors]
     norms = [float(t.norm()) for t in taus]
     nu = sum(norms) / len(norms)
-    lambdas = [w * lamda * nu / n if n > 0 else 0.0 for w, n in zip(task.weights, norms)]
-    delta = refine(taus, lambdas, shared_basis(task, subspace), int(steps), lr, history)
+    lambdas = [w * lamda * nu / n if n > 0 else 0.0 for w, n in zip(updates.weights, norms)]
+    delta = refine(taus, lambdas, shared_basis(updates, subspace), int(steps), lr)
     masks = []   # on the float32 ΔW_i, as the API's model-scope thresholds are computed
-    for i, (b, a) in enumerate(task.factors):
+    for i, (b, a) in enumerate(updates.factors):
         t32 = b.to(torch.float32) @ a.to(torch.float32)
         th = thresholds[i] if thresholds is not None else trim_threshold(t32.clone(), dens[i])
         masks.append(t32.abs() >= th)

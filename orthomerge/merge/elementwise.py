@@ -13,8 +13,8 @@ Choices where implementations disagree (each an option; defaults named):
   Found by selection (``select="partition"``: numpy in-place introselect, default; ``"kthvalue"``:
   ``torch.kthvalue``), never a full sort (``"sort"`` exists only as the benchmark baseline).
 * **trim scope** — ``"tensor"`` (default; PEFT, mergekit: one threshold per task and module) or
-  ``"model"`` (TIES reference code: one threshold per task over all its modules; computed exactly by the
-  API with a streamed histogram, see :func:`orthomerge.merge.api.model_thresholds`).
+  ``"model"`` (TIES reference code: one threshold per task over all its modules; computed exactly with a
+  streamed histogram by the methods' ``prepare`` hook, :func:`prepare_trim_scope`).
 * **sign election** — ``sign="total"`` (default; γ = sign Σ_i w_i τ̂_i, TIES "sum of values", weighted as
   in mergekit; PEFT elects on the unweighted τ̂_i — identical for equal positive weights) or
   ``"frequency"`` (γ = sign Σ_i sign(w_i τ̂_i)). A zero sum elects +1 (PEFT).
@@ -28,11 +28,13 @@ Choices where implementations disagree (each an option; defaults named):
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 
 from ..errors import OrthomergeError
-from .registry import Dense, ModuleTask, per_task, register
+from .registry import Dense, Density, MergeContext, ModuleUpdates, Prepared, broadcast, register
 
 BLOCK_ELEMENTS = 1 << 18  # entries of one task's row block (DARE masks are generated per block)
 
@@ -72,11 +74,11 @@ def check_density(density: list[float]) -> None:
             raise OrthomergeError(f"density {d} is outside (0, 1]: density 0 keeps nothing (an all-zero update)")
 
 
-def task_thresholds(tasks, density, select: str = "partition") -> list[float]:
+def task_thresholds(updates, density, select: str = "partition") -> list[float]:
     """Per-tensor trim thresholds, one task's dense matrix in memory at a time."""
-    dens = per_task(density, len(tasks), "density")
+    dens = broadcast(density, len(updates), "density")
     check_density(dens)
-    return [trim_threshold(tasks.full(i), d, select) for i, d in enumerate(dens)]
+    return [trim_threshold(updates.full(i), d, select) for i, d in enumerate(dens)]
 
 
 def dare_mask(seed: int, block: int, shape: tuple[int, int], density: float) -> torch.Tensor:
@@ -105,13 +107,13 @@ def elect_disjoint(weighted: torch.Tensor, weights: torch.Tensor, sign: str, nor
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def _blocks(tasks, prepare):
+def _blocks(updates, prepare):
     """Yield ``(start, stop, stacked)``: row blocks of every task, each passed through ``prepare(i, j, x)``."""
-    m, n = tasks.shape
+    m, n = updates.shape
     step = block_rows(n)
     for j, start in enumerate(range(0, m, step)):
         stop = min(start + step, m)
-        yield start, stop, torch.stack([prepare(i, j, tasks.rows(i, start, stop)) for i in range(len(tasks))])
+        yield start, stop, torch.stack([prepare(i, j, updates.rows(i, start, stop)) for i in range(len(updates))])
 
 
 def _trimmer(thresholds):
@@ -120,10 +122,10 @@ def _trimmer(thresholds):
     return prepare
 
 
-def _dropper(tasks, density, rescale: bool):
-    dens = per_task(density, len(tasks), "density")
+def _dropper(updates, density, rescale: bool):
+    dens = broadcast(density, len(updates), "density")
     check_density(dens)
-    seeds = tasks.seeds or list(range(len(tasks)))
+    seeds = updates.seeds or list(range(len(updates)))
 
     def prepare(i, j, x):
         if dens[i] >= 1.0:
@@ -135,10 +137,10 @@ def _dropper(tasks, density, rescale: bool):
     return prepare
 
 
-def _combine(tasks, prepare, reduce) -> torch.Tensor:
-    out = torch.empty(tasks.shape, dtype=torch.float32)
-    w = torch.tensor(tasks.weights, dtype=torch.float32).view(-1, 1, 1)
-    for start, stop, stacked in _blocks(tasks, prepare):
+def _combine(updates, prepare, reduce) -> torch.Tensor:
+    out = torch.empty(updates.shape, dtype=torch.float32)
+    w = torch.tensor(updates.weights, dtype=torch.float32).view(-1, 1, 1)
+    for start, stop, stacked in _blocks(updates, prepare):
         out[start:stop] = reduce(stacked * w, w)
     return out
 
@@ -153,70 +155,107 @@ def _ties_reduce(sign, normalize):
 
 # ---------------------------------------------------------------- kernels on any task matrices
 
+Sign = Literal["total", "frequency"]
+Normalize = Literal["count", "weight"]
+Select = Literal["partition", "kthvalue", "sort"]
 
-def ties_kernel(tasks, density=0.2, scale=1.0, sign="total", normalize="count", select="partition",
-                thresholds=None) -> torch.Tensor:
+
+def _thresholds(updates, density, select):
+    """Model-scope thresholds a ``prepare`` hook computed (``updates.extras``), else per tensor."""
+    given = (getattr(updates, "extras", None) or {}).get("thresholds")
+    return given if given is not None else task_thresholds(updates, density, select)
+
+
+def ties_kernel(updates, density: Density = 0.2, scale: float = 1.0, sign: Sign = "total",
+                normalize: Normalize = "count", select: Select = "partition") -> torch.Tensor:
     """TIES: trim to the top ``density`` by |τ_i|, elect γ, disjoint mean, × λ (``scale``)."""
-    t = thresholds if thresholds is not None else task_thresholds(tasks, density, select)
-    return _combine(tasks, _trimmer(t), _ties_reduce(sign, normalize)).mul_(scale)
+    t = _thresholds(updates, density, select)
+    return _combine(updates, _trimmer(t), _ties_reduce(sign, normalize)).mul_(scale)
 
 
-def magnitude_prune_kernel(tasks, density=0.2, scale=1.0, select="partition", thresholds=None) -> torch.Tensor:
+def magnitude_prune_kernel(updates, density: Density = 0.2, scale: float = 1.0,
+                           select: Select = "partition") -> torch.Tensor:
     """Trim each τ_i to its top ``density`` by magnitude, then λ Σ w_i τ̂_i (no sign election; PEFT)."""
-    t = thresholds if thresholds is not None else task_thresholds(tasks, density, select)
-    return _combine(tasks, _trimmer(t), _weighted_sum).mul_(scale)
+    t = _thresholds(updates, density, select)
+    return _combine(updates, _trimmer(t), _weighted_sum).mul_(scale)
 
 
-def dare_linear_kernel(tasks, density=0.5, scale=1.0, rescale=True) -> torch.Tensor:
+def dare_linear_kernel(updates, density: Density = 0.5, scale: float = 1.0, rescale: bool = True) -> torch.Tensor:
     """DARE then task arithmetic: λ Σ w_i (m_i ⊙ τ_i)/density, m_i ~ Bernoulli(density)."""
-    return _combine(tasks, _dropper(tasks, density, rescale), _weighted_sum).mul_(scale)
+    return _combine(updates, _dropper(updates, density, rescale), _weighted_sum).mul_(scale)
 
 
-def dare_ties_kernel(tasks, density=0.5, scale=1.0, rescale=True, sign="total", normalize="count") -> torch.Tensor:
+def dare_ties_kernel(updates, density: Density = 0.5, scale: float = 1.0, rescale: bool = True, sign: Sign = "total",
+                     normalize: Normalize = "count") -> torch.Tensor:
     """DARE drop/rescale instead of the magnitude trim, then TIES election and disjoint mean."""
-    return _combine(tasks, _dropper(tasks, density, rescale), _ties_reduce(sign, normalize)).mul_(scale)
+    return _combine(updates, _dropper(updates, density, rescale), _ties_reduce(sign, normalize)).mul_(scale)
 
 
-def ta_kernel(tasks, scale=1.0) -> torch.Tensor:
+def ta_kernel(updates, scale: float = 1.0) -> torch.Tensor:
     """λ Σ w_i τ_i on explicit matrices (Core-Space / KnOTS coordinates)."""
-    return _combine(tasks, lambda i, j, x: x, _weighted_sum).mul_(scale)
+    return _combine(updates, lambda i, j, x: x, _weighted_sum).mul_(scale)
+
+
+# ---------------------------------------------------------------- model-scope trim thresholds
+
+TrimScope = Literal["tensor", "model"]
+
+
+def model_thresholds(adapters, modules, density) -> list[float]:
+    """One exact threshold per task over all its modules (streamed), as the TIES reference code trims."""
+    dens = broadcast(density, len(adapters), "density")
+    check_density(dens)
+    out = []
+    for adapter, d in zip(adapters, dens):
+        def chunks(adapter=adapter):
+            for m in modules:
+                b, a = adapter.factors(m)
+                yield b.to(torch.float32) @ a.to(torch.float32)
+        out.append(abs_histogram_threshold(chunks, d))
+    return out
+
+
+def prepare_trim_scope(ctx: MergeContext) -> Prepared:
+    """``prepare`` hook of the trimming methods: with ``trim_scope="model"`` every module's rule gets the
+    model-wide thresholds in ``extras["thresholds"]``; with ``"tensor"`` it trims per module."""
+    if ctx.params["trim_scope"] != "model":
+        return Prepared()
+    thresholds = model_thresholds(ctx.adapters, ctx.modules, ctx.params["density"])
+    return Prepared({m: {"thresholds": thresholds} for m in ctx.modules})
 
 
 # ---------------------------------------------------------------- registered dense-space methods
 
-TIES_DEFAULTS = {"density": 0.2, "scale": 1.0, "sign": "total", "normalize": "count", "select": "partition",
-                 "trim_scope": "tensor"}
-PRUNE_DEFAULTS = {"density": 0.2, "scale": 1.0, "select": "partition", "trim_scope": "tensor"}
-DARE_DEFAULTS = {"density": 0.5, "scale": 1.0, "rescale": True}
 
-
-@register("ties", space="dense", family="elementwise", defaults=TIES_DEFAULTS,
+@register("ties", space="dense", family="elementwise", prepare=prepare_trim_scope,
           summary="TIES on dense ΔW: trim (density), elect sign, disjoint mean; re-compressed or --dense")
-def ties(task: ModuleTask, trim_scope="tensor", thresholds=None, **params) -> Dense:
+def ties(updates: ModuleUpdates, density: Density = 0.2, scale: float = 1.0, sign: Sign = "total",
+         normalize: Normalize = "count", select: Select = "partition", trim_scope: TrimScope = "tensor") -> Dense:
     """TIES-Merging (Yadav et al. 2023) on dense ΔW_i; identity at density 1 (one adapter, weight 1)."""
-    return Dense(ties_kernel(task, thresholds=thresholds, **params))
+    return Dense(ties_kernel(updates, density, scale, sign, normalize, select))
 
 
-@register("magnitude_prune", space="dense", family="elementwise", defaults=PRUNE_DEFAULTS,
+@register("magnitude_prune", space="dense", family="elementwise", prepare=prepare_trim_scope,
           summary="keep each ΔW_i's top-density entries by magnitude, weighted sum (PEFT magnitude_prune)")
-def magnitude_prune(task: ModuleTask, trim_scope="tensor", thresholds=None, **params) -> Dense:
+def magnitude_prune(updates: ModuleUpdates, density: Density = 0.2, scale: float = 1.0, select: Select = "partition",
+                    trim_scope: TrimScope = "tensor") -> Dense:
     """Magnitude pruning then weighted sum; identity at density 1."""
-    return Dense(magnitude_prune_kernel(task, thresholds=thresholds, **params))
+    return Dense(magnitude_prune_kernel(updates, density, scale, select))
 
 
-@register("dare_linear", space="dense", family="elementwise", defaults=DARE_DEFAULTS, random=True,
+@register("dare_linear", space="dense", family="elementwise", random=True,
           summary="DARE (drop 1-density, rescale) on dense ΔW_i, then weighted sum; seeded per adapter+module")
-def dare_linear(task: ModuleTask, **params) -> Dense:
+def dare_linear(updates: ModuleUpdates, density: Density = 0.5, scale: float = 1.0, rescale: bool = True) -> Dense:
     """DARE + task arithmetic (Yu et al. 2024); identity at density 1 (p = 0)."""
-    return Dense(dare_linear_kernel(task, **params))
+    return Dense(dare_linear_kernel(updates, density, scale, rescale))
 
 
 @register("dare_ties", space="dense", family="elementwise", random=True,
-          defaults={**DARE_DEFAULTS, "sign": "total", "normalize": "count"},
           summary="DARE drop/rescale on dense ΔW_i, then TIES sign election and disjoint mean")
-def dare_ties(task: ModuleTask, **params) -> Dense:
+def dare_ties(updates: ModuleUpdates, density: Density = 0.5, scale: float = 1.0, rescale: bool = True,
+              sign: Sign = "total", normalize: Normalize = "count") -> Dense:
     """DARE + TIES election/disjoint mean; identity at density 1 (p = 0)."""
-    return Dense(dare_ties_kernel(task, **params))
+    return Dense(dare_ties_kernel(updates, density, scale, rescale, sign, normalize))
 
 
 def abs_histogram_threshold(chunks, density: float, bins: int = 1 << 16) -> float:

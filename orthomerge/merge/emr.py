@@ -10,17 +10,37 @@ Dense, streamed in row blocks; identity for one adapter (τ_uni = τ, M = [τ �
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from .elementwise import block_rows
-from .registry import Dense, ModuleTask, PerTask, register
+from .registry import Dense, Finalized, MergeContext, ModuleUpdates, PerTask, register
 
 
-@register("emr", space="dense", family="multitask", per_task=True, defaults={"rescale_scope": "model"},
+def rescalers(ctx: MergeContext, info: dict) -> Finalized:
+    """``finalize`` hook: λ_i = Σ|τ_i| / Σ|M_i ⊙ τ_uni| from each module's shares (``info[module]`` =
+    (numerators, denominators) per task), summed over the model or kept per module (``rescale_scope``)."""
+    count = len(ctx.adapters)
+    numer, denom = [0.0] * count, [0.0] * count
+    for m in ctx.modules:
+        for i in range(count):
+            numer[i] += info[m][0][i]
+            denom[i] += info[m][1][i]
+    model = [nu / de if de > 0 else 1.0 for nu, de in zip(numer, denom)]
+    if ctx.params["rescale_scope"] == "model":
+        scales = {m: model for m in ctx.modules}
+    else:
+        scales = {m: [nu / de if de > 0 else 1.0 for nu, de in zip(*info[m])] for m in ctx.modules}
+    return Finalized(scales, {"rescalers": dict(zip(ctx.names, model))})
+
+
+@register("emr", space="dense", family="multitask", per_task=True, finalize=rescalers,
           summary="EMR-Merging: unified update + per-task masks and rescalers (one adapter per task)")
-def emr(task: ModuleTask, rescale_scope: str = "model") -> PerTask:
-    m, n = task.shape
-    t = len(task)
+def emr(updates: ModuleUpdates, rescale_scope: Literal["model", "module"] = "model") -> PerTask:
+    """Per-task masked updates of one module, and this module's shares of each task's rescaler."""
+    m, n = updates.shape
+    t = len(updates)
     uni = torch.empty(m, n)
     masks = [torch.empty(m, n, dtype=torch.bool) for _ in range(t)]
     numer = [0.0] * t
@@ -28,7 +48,7 @@ def emr(task: ModuleTask, rescale_scope: str = "model") -> PerTask:
     step = block_rows(n)
     for start in range(0, m, step):
         stop = min(start + step, m)
-        tau = torch.stack([task.rows(i, start, stop) * w for i, w in enumerate(task.weights)])
+        tau = torch.stack([updates.rows(i, start, stop) * w for i, w in enumerate(updates.weights)])
         gamma = torch.where(tau.sum(0) >= 0, 1.0, -1.0)
         agree = torch.sign(tau) == gamma
         u = gamma * (tau.abs() * agree).amax(0)
@@ -38,4 +58,4 @@ def emr(task: ModuleTask, rescale_scope: str = "model") -> PerTask:
             masks[i][start:stop] = mask
             numer[i] += float(tau[i].abs().sum(dtype=torch.float64))
             denom[i] += float((u.abs() * mask).sum(dtype=torch.float64))
-    return PerTask([Dense(uni * mk) for mk in masks], numer, denom)
+    return PerTask([Dense(uni * mk) for mk in masks], info=(numer, denom))

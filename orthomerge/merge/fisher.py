@@ -28,107 +28,15 @@ baseline); through the API a missing model or data is an error.
 """
 from __future__ import annotations
 
-import contextlib
 import math
+from typing import Literal
 
 import torch
 
 from ..errors import OrthomergeError
-from .registry import Dense, MergeContext, ModuleTask, Prepared, register
-
-# ---------------------------------------------------------------- shared by the data-driven methods
-
-
-def data_split(item, split: str, samples: int, method: str):
-    """Adapter i's rows for a data-driven method: ``item.<split>`` of a Task, or the Split itself; first ``samples``."""
-    from ..tasks import Split
-
-    data = item if isinstance(item, Split) else getattr(item, split)
-    if samples and samples > 0:
-        data = data.take(int(samples))
-    if len(data) == 0:
-        raise OrthomergeError(f"{method}: task {getattr(item, 'name', '')!r} has no {split} rows")
-    return data
-
-
-class TaskModels:
-    """The base model with each task's head: one copy per distinct head shape, heads swapped in on demand.
-
-    The copies hold the base weights W₀ (the adapters' updates are added by :func:`lowrank_hooks`).
-    """
-
-    def __init__(self, model, adapters, names):
-        from ..models import model_for_heads
-
-        self.adapters = adapters
-        base = model.state_dict()
-        self.models, self.keys = {}, []
-        for adapter, name in zip(adapters, names):
-            key = tuple(sorted((k, tuple(v.shape)) for k, v in adapter.heads.items()))
-            if key not in self.models:
-                copy = model_for_heads(model, adapter.heads, name)
-                copy.load_state_dict({**base, **adapter.heads}, strict=True)
-                copy.requires_grad_(False)   # only module outputs / coefficients are differentiated
-                self.models[key] = copy.eval()
-            self.keys.append(key)
-
-    def get(self, i: int):
-        model = self.models[self.keys[i]]
-        state = model.state_dict()
-        with torch.no_grad():
-            for k, v in self.adapters[i].heads.items():
-                state[k].copy_(v)
-        return model
-
-    def num_labels(self, i: int) -> int:
-        return int(self.get(i).config.num_labels)
-
-
-@contextlib.contextmanager
-def lowrank_hooks(model, factors: dict, coefficients=None, capture: dict | None = None):
-    """Forward hooks adding ``(x Aᵀ ⊙ c) Bᵀ`` to each module's output: ``factors[name] = (B m×R, A R×n)``,
-    ``coefficients(name)`` an optional length-R multiplier (differentiable), ``capture[name] = (x, out)``."""
-    handles = []
-
-    def make(name, b, a):
-        def hook(module, inputs, out):
-            x = inputs[0]
-            h = x @ a.T
-            if coefficients is not None:
-                h = h * coefficients(name)
-            out = out + h @ b.T
-            if capture is not None:
-                if not out.requires_grad:   # frozen base: still differentiate w.r.t. this output
-                    out.requires_grad_()
-                capture[name] = (x.detach(), out)
-            return out
-        return hook
-
-    try:
-        for name, (b, a) in factors.items():
-            module = model.get_submodule(name)
-            handles.append(module.register_forward_hook(make(name, b.to(torch.float32), a.to(torch.float32))))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def batches(tokenizer, split, max_length: int, batch_size: int):
-    """``(row indices, padded batch)`` over a split in order."""
-    from ..train import encode
-
-    enc = encode(tokenizer, split, max_length)
-    for start in range(0, len(enc), batch_size):
-        idx = list(range(start, min(start + batch_size, len(enc))))
-        yield idx, tokenizer.pad([enc[i] for i in idx], return_tensors="pt")
-
-
-def adapter_factors(adapter, modules, weight: float = 1.0) -> dict:
-    """``{module: (weight·s·B, A)}`` in float32."""
-    return {m: (adapter.B[m].to(torch.float32) * adapter.scaling[m] * weight, adapter.A[m].to(torch.float32))
-            for m in modules}
-
+from ..encoding import batches
+from .data import TaskModels, data_split, lowrank_hooks
+from .registry import Dense, MergeContext, ModuleUpdates, Prepared, register
 
 # ---------------------------------------------------------------- the Fisher
 
@@ -192,7 +100,7 @@ def _prepare(ctx: MergeContext) -> Prepared:
     fishers, sizes = [], []
     for i, adapter in enumerate(ctx.adapters):
         split = data_split(ctx.data[i], p["split"], int(p["samples"]), "fisher")
-        fishers.append(diagonal_fisher(models.get(i), tok, split, adapter_factors(adapter, ctx.modules), p["labels"],
+        fishers.append(diagonal_fisher(models.get(i), tok, split, {m: adapter.scaled_factors(m) for m in ctx.modules}, p["labels"],
                                        int(p["max_length"]), int(p["batch_size"]), ctx.seed))
         sizes.append(len(split))
     norms = [math.sqrt(sum(float((f * f).sum()) for f in fi.values())) for fi in fishers]
@@ -202,28 +110,24 @@ def _prepare(ctx: MergeContext) -> Prepared:
 
 
 @register("fisher", space="dense", family="data", needs_data=True, prepare=_prepare,
-          defaults={"scale": 1.0, "floor": 1e-6, "normalize_fisher": True, "labels": "expected", "split": "train",
-                    "samples": 256, "batch_size": 16, "max_length": 64},
-          choices={"normalize_fisher": (True, False), "labels": ("expected", "gold", "sample"),
-                   "split": ("train", "validation")},
           summary="Fisher merging: Σ c_i F_i ⊙ ΔW_i / Σ c_i F_i with exact per-example diagonal Fishers of "
                   "each module's W (needs --model and --data, train split)")
-def fisher(task: ModuleTask, scale: float = 1.0, floor: float = 1e-6, normalize_fisher: bool = True,
-           labels: str = "expected", split: str = "train", samples: int = 256, batch_size: int = 16,
-           max_length: int = 64) -> Dense:
+def fisher(updates: ModuleUpdates, scale: float = 1.0, floor: float = 1e-6, normalize_fisher: bool = True,
+           labels: Literal["expected", "gold", "sample"] = "expected", split: Literal["train", "validation"] = "train",
+           samples: int = 256, batch_size: int = 16, max_length: int = 64) -> Dense:
     """Fisher-weighted average of the ΔW_i of one module (Fishers from ``prepare``; isotropic without)."""
     if floor < 0:
         raise OrthomergeError(f"fisher: floor={floor} must be ≥ 0")
-    extras = task.extras or {}
-    fishers = extras.get("fisher") or [None] * len(task)
+    extras = updates.extras or {}
+    fishers = extras.get("fisher") or [None] * len(updates)
     norms = extras.get("fisher_norms")
     coeffs = [w / (n + floor) if normalize_fisher and norms and n + floor > 0 else w
-              for w, n in zip(task.weights, norms or [0.0] * len(task))]
-    num = torch.zeros(task.shape, dtype=torch.float64)
-    den = torch.zeros(task.shape, dtype=torch.float64)
+              for w, n in zip(updates.weights, norms or [0.0] * len(updates))]
+    num = torch.zeros(updates.shape, dtype=torch.float64)
+    den = torch.zeros(updates.shape, dtype=torch.float64)
     for i, (f, c) in enumerate(zip(fishers, coeffs)):
-        ft = (f.to(torch.float64) if f is not None else torch.ones(task.shape, dtype=torch.float64)) + floor
-        num += (c * ft) * task.full(i).to(torch.float64)
+        ft = (f.to(torch.float64) if f is not None else torch.ones(updates.shape, dtype=torch.float64)) + floor
+        num += (c * ft) * updates.full(i).to(torch.float64)
         den += abs(c) * ft
     out = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
     return Dense((scale * out).to(torch.float32))

@@ -3,23 +3,23 @@ from __future__ import annotations
 
 import torch
 
-from .registry import LowRank, ModuleTask, register
+from .registry import LowRank, ModuleUpdates, register
 
 
-def stack_factors(task: ModuleTask, coeffs: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_factors(updates: ModuleUpdates, coeffs: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """``[c₁B₁' … c_TB_T'] , [A₁; …; A_T]`` — ``Σ c_i B_i' A_i`` as one rank-Σr product (PEFT ``cat``)."""
-    B = torch.cat([b * c for (b, _), c in zip(task.factors, coeffs)], dim=1)
-    A = torch.cat([a for _, a in task.factors], dim=0)
+    B = torch.cat([b * c for (b, _), c in zip(updates.factors, coeffs)], dim=1)
+    A = torch.cat([a for _, a in updates.factors], dim=0)
     return B, A
 
 
-@register("task_arithmetic", space="factored", family="linear", linear=True, defaults={"scale": 1.0},
+@register("task_arithmetic", space="factored", family="linear", linear=True,
           summary="Σ λ·w_i·ΔW_i, exact in factored form (rank Σr, = PEFT 'cat'); λ = scale")
-def task_arithmetic(task: ModuleTask, scale: float = 1.0) -> LowRank:
+def task_arithmetic(updates: ModuleUpdates, scale: float = 1.0) -> LowRank:
     """``ΔW = λ Σ_i w_i s_i B_i A_i`` written exactly as the concatenated adapter (no dense matrix).
 
     Weights are per task (default 1: a sum; 1/T averages), λ (``scale``) is global. Identity: one adapter,
     weight 1, λ 1 gives the same ΔW.
     """
-    B, A = stack_factors(task, [scale * w for w in task.weights])
+    B, A = stack_factors(updates, [scale * w for w in updates.weights])
     return LowRank(B, A)

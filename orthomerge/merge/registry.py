@@ -1,24 +1,30 @@
-"""The method registry and the per-module objects a merge rule sees.
+"""The method registry and what a merge rule sees and returns.
 
-A method is a small pure function ``fn(task: ModuleTask, **params) -> LowRank | Dense | PerTask``
-registered by name (mergekit style)::
+A method is a small pure function over one module's updates, registered by name (mergekit style). Its
+typed keyword parameters *are* its hyper-parameters: defaults, validation (pydantic, strict), the CLI's
+``--set``, recipe ``parameters`` and ``--list-methods`` all derive from the signature, so each exists once::
 
-    @register("ties", space="dense", family="elementwise", defaults={"density": 0.2, ...},
-              summary="TIES-Merging on dense ΔW: trim, elect sign, disjoint mean")
-    def ties(task, density, ...): ...
+    @register("ties", space="dense", family="elementwise", summary="TIES-Merging on dense ΔW")
+    def ties(updates: ModuleUpdates, density: Density = 0.2,
+             sign: Literal["total", "frequency"] = "total", ...) -> Dense: ...
 
-It sees tensors only — scale-folded factors ``(B_i' = s_i·B_i, A_i)`` in float32, the weights, per-task
-seeds and (for data-driven rules) Gram matrices — and knows nothing about files, models or the CLI;
-:mod:`orthomerge.merge.api` does file handling, module iteration and heads.
+A rule sees tensors only — scale-folded factors ``(B_i' = s_i·B_i, A_i)`` in float32, the weights, per-task
+seeds and (for data-driven rules) Gram matrices — and knows nothing about files, models or the CLI.
+Model-level steps are the method's own hooks: ``prepare(ctx) -> Prepared`` runs before the per-module loop
+(its per-module ``extras`` reach the rule as ``updates.extras``) and ``finalize(ctx, info) -> Finalized``
+after it. The engine (:mod:`orthomerge.merge.engine`) calls them and names no method.
 """
 from __future__ import annotations
 
 import hashlib
 import inspect
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Annotated, Callable, Literal, Union
 
 import torch
+from pydantic import ConfigDict, Field, ValidationError, create_model
 
 from ..errors import OrthomergeError
 
@@ -28,7 +34,7 @@ SPACES = ("factored", "dense", "core", "knots")
 
 
 @dataclass
-class ModuleTask:
+class ModuleUpdates:
     """One linear module of every task: ``ΔW_i = B_i' @ A_i`` (scale folded, float32), weights ``w_i``.
 
     ``seeds[i]`` is tied to (adapter i's content, module), never to the position i, so random rules do
@@ -67,7 +73,7 @@ class ModuleTask:
 
 
 @dataclass
-class DenseTasks:
+class DenseUpdates:
     """Same interface as :class:`ModuleTask` over explicit matrices (core / KnOTS coordinates)."""
 
     mats: list[torch.Tensor]
@@ -109,26 +115,17 @@ class Dense:
 
 @dataclass
 class PerTask:
-    """One update per task (EMR): ``updates[i]`` is task i's update before its rescaler.
-
-    ``numer[i] / denom[i]`` is this module's share of task i's rescaler; the API applies it per module
-    or summed over the model (``rescale_scope``).
-    """
+    """One update per task (e.g. EMR): ``updates[i]`` is task i's update; ``info`` is whatever the method's
+    ``finalize`` hook needs from this module (EMR: its share of each task's rescaler)."""
 
     updates: list[Dense | LowRank]
-    numer: list[float]
-    denom: list[float]
+    info: object = None
 
 
 def module_seed(seed: int, key: str, module: str) -> int:
     """A seed from (global seed, the adapter's key, module name): order-independent, reproducible."""
     digest = hashlib.sha256(f"{seed}|{key}|{module}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % (2**62)
-
-
-def scaled_factors(adapters, module: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(s·B, A)`` of ``module`` for every adapter, float32: what a rule sees."""
-    return [(a.B[module].to(torch.float32) * a.scaling[module], a.A[module].to(torch.float32)) for a in adapters]
 
 
 @dataclass
@@ -152,10 +149,7 @@ class MergeContext:
     seed: int = 0
     progress: bool = False
     keys: list[str] = field(default_factory=list)   # per adapter: its seeding identity (see module_seed)
-
-    def module_task(self, module: str) -> ModuleTask:
-        """``module`` of every adapter as the per-module loop sees it (no seeds, statistics or extras)."""
-        return ModuleTask(name=module, factors=scaled_factors(self.adapters, module), weights=list(self.weights))
+    merge_dense: Callable | None = None   # (method, params) -> {module: ΔW}: another merge of these adapters
 
     def get_tokenizer(self):
         """The tokenizer given to the merge, else the base model's (by its ``name_or_path``)."""
@@ -169,12 +163,57 @@ class MergeContext:
         return self.tokenizer
 
 
+# ---------------------------------------------------------------- hook results
+
+
 @dataclass
 class Prepared:
-    """A ``prepare`` result: ``extras[module]`` for the rule, ``report`` for merge_report.json."""
+    """A ``prepare`` result: ``extras[module]`` for the rule, ``report`` entries for merge_report.json and
+    ``files`` (name → text) written next to it in the output folder."""
 
     extras: dict[str, dict] = field(default_factory=dict)
     report: dict = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Finalized:
+    """A ``finalize`` result: ``scales[module][k]`` multiplies output k's update of that module (outputs
+    in order: the one merged update, or one per task), and ``report`` entries for merge_report.json."""
+
+    scales: dict[str, list[float]] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- typed hyper-parameters
+
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+Density = Union[Fraction, list[Fraction]]   # one value, or one per adapter (a recipe's per-adapter density)
+PARAMS_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
+
+
+def _hyper_parameters(fn: Callable) -> dict[str, tuple[object, object]]:
+    """``{name: (annotation, default)}`` for every keyword parameter after the first (the updates)."""
+    hints = typing.get_type_hints(inspect.unwrap(fn), include_extras=True)   # a wrapper's are its target's
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    missing = [p.name for p in params if p.default is inspect.Parameter.empty or p.name not in hints]
+    if missing:
+        raise ValueError(f"{fn.__name__}: parameter {missing[0]!r} needs a type annotation and a default")
+    return {p.name: (hints[p.name], p.default) for p in params}
+
+
+def _type_name(annotation) -> str:
+    """A short readable form of a parameter's type for ``--list-methods``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 # ---------------------------------------------------------------- registry
@@ -182,43 +221,61 @@ class Prepared:
 
 @dataclass
 class MethodSpec:
+    """A registered method: its rule, hooks and what it needs; hyper-parameters come from ``fn``'s signature."""
+
     name: str
     fn: Callable
     space: str
     family: str
     summary: str
-    defaults: dict
     base: str
     random: bool = False
     linear: bool = False
     needs_stats: bool = False
-    per_task: bool = False
+    per_task: bool = False       # one update per task (no single merged model)
     needs_data: bool = False
     prepare: Callable | None = None
-    choices: dict = field(default_factory=dict)
+    finalize: Callable | None = None
+    params: dict = field(default_factory=dict)   # name -> (annotation, default)
+    schema: type | None = None                     # pydantic model of the hyper-parameters
+
+    @property
+    def defaults(self) -> dict:
+        return {k: default for k, (_, default) in self.params.items()}
 
     def resolve(self, params: dict) -> dict:
-        """Defaults overridden by ``params``; unknown names are an error."""
-        unknown = sorted(set(params) - set(self.defaults))
+        """Defaults overridden by ``params``, validated against the signature's types (one-line errors)."""
+        unknown = sorted(set(params) - set(self.params))
         if unknown:
-            allowed = ", ".join(sorted(self.defaults)) or "none"
+            allowed = ", ".join(sorted(self.params)) or "none"
             raise OrthomergeError(f"method {self.name!r}: unknown parameter {unknown[0]!r} (allowed: {allowed})")
-        return {**self.defaults, **params}
+        resolved = {**self.defaults, **params}
+        try:
+            self.schema.model_validate(resolved)
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = first["loc"][0]
+            raise OrthomergeError(f"{self.name}: parameter {key}={resolved[key]!r}: {first['msg']}") from None
+        return resolved
+
+    def describe(self) -> str:
+        """``name=default (type)`` for every hyper-parameter."""
+        return ", ".join(f"{k}={d!r} ({_type_name(a)})" for k, (a, d) in self.params.items()) or "no parameters"
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register(name: str, *, space: str, family: str, summary: str, defaults: dict | None = None,
-             base: str | None = None, random: bool = False, linear: bool = False, needs_stats: bool = False,
-             per_task: bool = False, needs_data: bool = False, prepare: Callable | None = None,
-             choices: dict | None = None):
-    """Decorator: register ``fn`` under ``name``. ``defaults`` lists every hyper-parameter it accepts.
+def register(name: str, *, space: str, family: str, summary: str, base: str | None = None, random: bool = False,
+             linear: bool = False, needs_stats: bool = False, per_task: bool = False, needs_data: bool = False,
+             prepare: Callable | None = None, finalize: Callable | None = None):
+    """Decorator: register ``fn(updates, **hyper_parameters)`` under ``name``.
 
-    Model-level methods give ``prepare(ctx: MergeContext) -> Prepared``: it runs once before the
+    Every parameter after the first is a hyper-parameter and needs a type annotation and a default (use
+    ``Literal[...]`` for a choice). ``prepare(ctx: MergeContext) -> Prepared`` runs once before the
     per-module loop (with every adapter, the base model and, for ``needs_data`` methods, each adapter's
-    task data) and returns per-module ``extras`` that the rule finds in ``ModuleTask.extras``.
-    ``choices`` maps a non-numeric parameter to its allowed values (a tuple) or type (e.g. ``str``).
+    task data); ``finalize(ctx, info) -> Finalized`` once after it, with ``info[module]`` = the rule's
+    ``PerTask.info``.
     """
     if space not in SPACES:
         raise ValueError(f"space {space!r} not in {SPACES}")
@@ -226,15 +283,12 @@ def register(name: str, *, space: str, family: str, summary: str, defaults: dict
     def wrap(fn: Callable) -> Callable:
         if name in METHODS:
             raise ValueError(f"merge method {name!r} registered twice")
-        params = defaults
-        if params is None:
-            sig = inspect.signature(fn)
-            params = {k: p.default for k, p in list(sig.parameters.items())[1:]
-                      if p.default is not inspect.Parameter.empty}
-        METHODS[name] = MethodSpec(name=name, fn=fn, space=space, family=family, summary=summary,
-                                   defaults=dict(params), base=base or name, random=random, linear=linear,
-                                   needs_stats=needs_stats, per_task=per_task, needs_data=needs_data,
-                                   prepare=prepare, choices=dict(choices or {}))
+        params = _hyper_parameters(fn)
+        schema = create_model(f"{name}_parameters", __config__=PARAMS_CONFIG, **params)
+        METHODS[name] = MethodSpec(name=name, fn=fn, space=space, family=family, summary=summary, base=base or name,
+                                   random=random, linear=linear, needs_stats=needs_stats, per_task=per_task,
+                                   needs_data=needs_data, prepare=prepare, finalize=finalize, params=params,
+                                   schema=schema)
         return fn
 
     return wrap
@@ -244,7 +298,7 @@ def get_method(name: str, space: str | None = None) -> MethodSpec:
     """The method called ``name``, or the variant of base rule ``name`` in ``space`` (never substituted)."""
     if space is not None:
         if space not in SPACES:
-            raise OrthomergeError(f"--space {space!r}: choose one of {', '.join(SPACES)}")
+            raise OrthomergeError(f"space {space!r}: choose one of {', '.join(SPACES)}")
         base = METHODS[name].base if name in METHODS else name
         hits = [m for m in METHODS.values() if m.base == base and m.space == space]
         if not hits:
@@ -253,18 +307,22 @@ def get_method(name: str, space: str | None = None) -> MethodSpec:
                 f"method {name!r} has no {space}-space variant (available spaces: {', '.join(have)})")
         return hits[0]
     if name not in METHODS:
-        raise OrthomergeError(f"unknown merge method {name!r} (see --list-methods): "
-                              f"{', '.join(sorted(METHODS))}")
+        raise OrthomergeError(f"unknown merge method {name!r}: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 
-def list_methods() -> list[str]:
-    """One line per registered method: name, space, summary."""
+def list_methods(params: bool = True) -> list[str]:
+    """One line per registered method: name, space, summary (and, indented, its hyper-parameters)."""
     width = max(len(n) for n in METHODS)
-    return [f"{m.name:<{width}}  [{m.space}] {m.summary}" for m in sorted(METHODS.values(), key=lambda m: m.name)]
+    lines = []
+    for m in sorted(METHODS.values(), key=lambda m: m.name):
+        lines.append(f"{m.name:<{width}}  [{m.space}] {m.summary}")
+        if params:
+            lines.append(f"{'':<{width}}    {m.describe()}")
+    return lines
 
 
-def per_task(value, count: int, what: str) -> list[float]:
+def broadcast(value, count: int, what: str) -> list[float]:
     """A scalar or a per-task list, as a list of ``count`` floats."""
     if isinstance(value, (list, tuple)):
         if len(value) != count:

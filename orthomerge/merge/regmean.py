@@ -24,10 +24,13 @@ Choices (options, defaults named):
 """
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
+from pydantic import Field
 
 from ..errors import OrthomergeError
-from .registry import LowRank, ModuleTask, register
+from .registry import LowRank, ModuleUpdates, register
 
 
 def shrink(g: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -75,13 +78,13 @@ def regmean_factors(factors, grams, weights, alpha=0.9, gram="sum", tokens=None)
 
 
 @register("regmean", space="factored", family="data", needs_stats=True,
-          defaults={"alpha": 0.9, "gram": "sum", "scale": 1.0},
           summary="RegMean, exact factored form A_i' = A_i G̃_i (Σ G̃)⁻¹ (rank Σr); needs per-module Gram stats")
-def regmean(task: ModuleTask, alpha: float = 0.9, gram: str = "sum", scale: float = 1.0) -> LowRank:
+def regmean(updates: ModuleUpdates, alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9,
+            gram: Literal["sum", "mean"] = "sum", scale: float = 1.0) -> LowRank:
     """RegMean on the LoRA factors; identity for one adapter (A' = A G̃ G̃⁻¹ = A)."""
-    if task.grams is None:
-        raise OrthomergeError(f"regmean: no Gram matrices for module {task.name}")
-    new = regmean_factors(task.factors, task.grams, task.weights, alpha, gram, task.tokens)
+    if updates.grams is None:
+        raise OrthomergeError(f"regmean: no Gram matrices for module {updates.name}")
+    new = regmean_factors(updates.factors, updates.grams, updates.weights, alpha, gram, updates.tokens)
     B = torch.cat([b * scale for b, _ in new], 1)
     A = torch.cat([a for _, a in new], 0)
     return LowRank(B, A)

@@ -12,25 +12,28 @@ Score: each task's metric (its own head, its own validation rows), divided by it
 the same rows (``objective="normalised"``, the experiment's normalised accuracy) or raw (``"raw"``),
 averaged over tasks. Data: ``split="validation"`` rows (never test). Output: the merged update of the
 winner (what the registry rule returns per module), the trials in ``merge_report.json`` and the winner's
-recipe, which :meth:`~orthomerge.merge.api.MergeResult.save` writes as ``OUT/recipe.yaml`` — loadable by
+recipe, written as ``OUT/recipe.yaml`` (a file of its ``prepare`` result) — loadable by
 ``orthomerge merge --config OUT/recipe.yaml --out OTHER``. A bare rule call without a search result is
 task arithmetic at λ = 1 (the first default candidate).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Literal, Union
 
 import numpy as np
 import torch
+import yaml
 
 from ..errors import OrthomergeError
-from .fisher import TaskModels, data_split
+from ..patching import patched
+from .data import TaskModels, data_split
 from .linear import task_arithmetic
-from .registry import Dense, MergeContext, ModuleTask, Prepared, get_method, register
+from .registry import Dense, MergeContext, ModuleUpdates, Prepared, get_method, register
 
 DEFAULT_METHODS = "task_arithmetic,ties,tsv,iso_c,do_merging,continual"
+RECIPE_NAME = "recipe.yaml"   # the winner, loadable by ``orthomerge merge --config``
 
 
 @dataclass
@@ -122,22 +125,6 @@ def successive_halving(groups, merge, scorer, rungs: list[int], eta: float) -> S
     return SearchOutcome((method, params, lam), scores[(g, lam)], trials, rungs, deltas)
 
 
-@contextlib.contextmanager
-def patched(model, deltas: dict):
-    """``W₀ + ΔW`` in the modules of ``deltas`` for the duration (weights restored after)."""
-    saved = {}
-    with torch.no_grad():
-        try:
-            for m, d in deltas.items():
-                w = model.get_submodule(m).weight
-                saved[m] = w.detach().clone()
-                w.add_(d.to(w.dtype))
-            yield model
-        finally:
-            for m, w0 in saved.items():
-                model.get_submodule(m).weight.copy_(w0)
-
-
 class ValidationScorer:
     """Mean over tasks of the metric on the first n validation rows (each task with its own head),
     normalised by the task's own adapter on the same rows (``objective="normalised"``) or raw."""
@@ -195,8 +182,6 @@ def recipe(ctx: MergeContext, best: tuple) -> dict:
 
 
 def _prepare(ctx: MergeContext) -> Prepared:
-    from .api import merge_adapters
-
     p = ctx.params
     groups = grid(p["methods"], p["lambdas"], p["densities"])
     splits = [data_split(item, p["split"], int(p["samples"]), "search") for item in ctx.data]
@@ -204,13 +189,8 @@ def _prepare(ctx: MergeContext) -> Prepared:
     scorer = ValidationScorer(ctx, splits, metrics, int(p["max_length"]), int(p["batch_size"]), p["objective"])
 
     def merge(method, params):
-        spec = get_method(method)
-        extra = {"scale": 1.0} if "scale" in spec.defaults else {}
-        result = merge_adapters(ctx.adapters, method, ctx.weights, dense=True, model=ctx.model, seed=ctx.seed,
-                                stats=ctx.stats if spec.needs_stats else None,
-                                data=ctx.data if spec.needs_data else None, tokenizer=ctx.tokenizer,
-                                threads=0, **params, **extra)
-        return {m: result.delta(m) for m in ctx.modules}
+        extra = {"scale": 1.0} if "scale" in get_method(method).defaults else {}
+        return ctx.merge_dense(method, {**params, **extra})
 
     rungs = fidelities(int(p["min_samples"]), max(len(s) for s in splits), float(p["eta"]))
     outcome = successive_halving(groups, merge, scorer, rungs, float(p["eta"]))
@@ -220,21 +200,22 @@ def _prepare(ctx: MergeContext) -> Prepared:
     return Prepared(extras, {"search": {"best": {"method": method, "params": params, "lambda": lam,
                                                  "score": outcome.score},
                                         "objective": p["objective"], "split": p["split"], "fidelities": rungs,
-                                        "evaluations": scorer.calls, "trials": [t.as_dict() for t in outcome.trials]},
-                             "best_recipe": doc})
+                                        "evaluations": scorer.calls, "trials": [t.as_dict() for t in outcome.trials],
+                                        "recipe": RECIPE_NAME},
+                             "summary": f"search: best {method} {params} λ={lam} (score {outcome.score:.4g}); "
+                                        f"recipe: {RECIPE_NAME}"},
+                    files={RECIPE_NAME: yaml.safe_dump(doc, sort_keys=False)})
 
 
 @register("search", space="dense", family="search", needs_data=True, prepare=_prepare,
-          defaults={"methods": DEFAULT_METHODS, "lambdas": "0.25,0.5,0.75,1.0,1.25", "densities": "0.1,0.2,0.4",
-                    "min_samples": 16, "eta": 3, "samples": 0, "split": "validation", "objective": "normalised",
-                    "max_length": 64, "batch_size": 64},
-          choices={"methods": (str, list), "lambdas": (str, float, int, list), "densities": (str, float, int, list),
-                   "split": ("validation", "train"),
-                   "objective": ("normalised", "raw")},
           summary="search: method × hyper-parameters × λ by successive halving on validation rows; "
                   "writes OUT/recipe.yaml (needs --model and --data)")
-def search(task: ModuleTask, **params):
+def search(updates: ModuleUpdates, methods: Union[str, list[str]] = DEFAULT_METHODS,
+           lambdas: Union[str, float, list[float]] = "0.25,0.5,0.75,1.0,1.25",
+           densities: Union[str, float, list[float]] = "0.1,0.2,0.4", min_samples: int = 16, eta: float = 3,
+           samples: int = 0, split: Literal["validation", "train"] = "validation",
+           objective: Literal["normalised", "raw"] = "normalised", max_length: int = 64, batch_size: int = 64):
     """The winner's update for this module (task arithmetic at λ = 1 without a search result)."""
-    if task.extras and "update" in task.extras:
-        return task.extras["update"]
-    return task_arithmetic(task, 1.0)
+    if updates.extras and "update" in updates.extras:
+        return updates.extras["update"]
+    return task_arithmetic(updates, 1.0)

@@ -11,7 +11,7 @@ import torch
 
 from .linear import stack_factors
 from .recompress import factored_svd, numerical_rank
-from .registry import LowRank, ModuleTask, register
+from .registry import LowRank, ModuleUpdates, register
 
 
 def polar(x: torch.Tensor) -> torch.Tensor:
@@ -38,42 +38,42 @@ def dense_svd(x: torch.Tensor):
     return u[:, :rho], s[:rho], vh[:rho]
 
 
-@register("tsv", space="factored", family="spectral", defaults={"scale": 1.0},
+@register("tsv", space="factored", family="spectral",
           summary="TSV-M: per-task singular vectors, decorrelated by polar factors; rank Σr, exact from factors")
-def tsv(task: ModuleTask, scale: float = 1.0) -> LowRank:
+def tsv(updates: ModuleUpdates, scale: float = 1.0) -> LowRank:
     """TSV-Merge (Gargiulo et al., CVPR 2025).
 
     Per task the exact thin SVD of w_i ΔW_i (all r_i triplets fit the budget ⌊min(m,n)/T⌋ for LoRA; only
     the numerical rank is kept); U = [U₁ … U_T], V = [V₁ … V_T], Σ = blockdiag(Σ_i); ``ΔW = α·U⊥ Σ V⊥ᵀ``
     with U⊥, V⊥ the orthogonal polar factors. α = ``scale`` (default 1). Identity: one adapter → itself.
     """
-    trip = [factored_svd(b * w, a) for (b, a), w in zip(task.factors, task.weights)]
-    B, A = tsv_combine(trip, task.shape, scale)
+    trip = [factored_svd(b * w, a) for (b, a), w in zip(updates.factors, updates.weights)]
+    B, A = tsv_combine(trip, updates.shape, scale)
     return LowRank(B, A)
 
 
-def tsv_kernel(tasks, scale: float = 1.0) -> torch.Tensor:
+def tsv_kernel(updates, scale: float = 1.0) -> torch.Tensor:
     """TSV-M on explicit matrices (Core-Space cores / KnOTS coordinates); budget from their own shape."""
-    trip = [dense_svd(tasks.full(i) * w) for i, w in enumerate(tasks.weights)]
-    B, A = tsv_combine(trip, tasks.shape, scale)
+    trip = [dense_svd(updates.full(i) * w) for i, w in enumerate(updates.weights)]
+    B, A = tsv_combine(trip, updates.shape, scale)
     return B @ A
 
 
-@register("iso_c", space="factored", family="spectral", defaults={"scale": 1.0},
+@register("iso_c", space="factored", family="spectral",
           summary="Iso-C: spectrum of Σ w_i ΔW_i flattened to its mean over the numerical rank only")
-def iso_c(task: ModuleTask, scale: float = 1.0) -> LowRank:
+def iso_c(updates: ModuleUpdates, scale: float = 1.0) -> LowRank:
     """Iso-C (Marczak et al., ICML 2025): ``ΔW = λ σ̄ U_ρ V_ρᵀ``, σ̄ = mean of the ρ nonzero singular values
     of Σ w_i ΔW_i (ρ = numerical rank ≤ Σr). λ = ``scale`` (default 1; the paper tunes it, e.g. ~1.5 on
     ViT). Not an identity for one adapter unless its spectrum is already flat (it isotropises)."""
-    u, s, vh = factored_svd(*stack_factors(task, task.weights))
+    u, s, vh = factored_svd(*stack_factors(updates, updates.weights))
     if s.numel() == 0:
-        return LowRank(torch.zeros(task.shape[0], 1), torch.zeros(1, task.shape[1]))
+        return LowRank(torch.zeros(updates.shape[0], 1), torch.zeros(1, updates.shape[1]))
     return LowRank((scale * s.mean() * u).to(torch.float32), vh.to(torch.float32))
 
 
-@register("iso_cts", space="factored", family="spectral", defaults={"scale": 1.0, "common_fraction": 0.8},
+@register("iso_cts", space="factored", family="spectral",
           summary="Iso-CTS: common + task-specific subspaces of the numerical rank, polar-orthogonalised, isotropic")
-def iso_cts(task: ModuleTask, scale: float = 1.0, common_fraction: float = 0.8) -> LowRank:
+def iso_cts(updates: ModuleUpdates, scale: float = 1.0, common_fraction: float = 0.8) -> LowRank:
     """Iso-CTS (Marczak et al., ICML 2025), budget split as in the paper's code, over ρ not min(m, n).
 
     ρ = numerical rank of Σ w_i ΔW_i. Common size k = ⌊fraction·ρ⌋, then the task-specific total
@@ -82,10 +82,10 @@ def iso_cts(task: ModuleTask, scale: float = 1.0, common_fraction: float = 0.8) 
     numerical rank at most). The union of left (right) vectors is orthogonalised by its polar factor and
     every singular value replaced by the mean of the selected ones; × λ (``scale``).
     """
-    u, s, vh = factored_svd(*stack_factors(task, task.weights))
-    rho, t = s.numel(), len(task)
+    u, s, vh = factored_svd(*stack_factors(updates, updates.weights))
+    rho, t = s.numel(), len(updates)
     if rho == 0:
-        return LowRank(torch.zeros(task.shape[0], 1), torch.zeros(1, task.shape[1]))
+        return LowRank(torch.zeros(updates.shape[0], 1), torch.zeros(1, updates.shape[1]))
     k = int(rho * common_fraction)
     specific = round((rho - k) / t) * t
     k = max(rho - specific, 0)
@@ -93,7 +93,7 @@ def iso_cts(task: ModuleTask, scale: float = 1.0, common_fraction: float = 0.8) 
     us, ss, vhs = [u[:, :k]], [s[:k]], [vh[:k]]
     if per > 0:
         uc = u[:, :k]
-        for (b, a), w in zip(task.factors, task.weights):
+        for (b, a), w in zip(updates.factors, updates.weights):
             b = b.to(torch.float64) * w
             ui, si, vhi = factored_svd(b - uc @ (uc.T @ b), a)
             us.append(ui[:, :per])

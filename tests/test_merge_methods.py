@@ -7,7 +7,7 @@ import torch
 from merge_fixtures import deltas, permuted, random_task, rel, update
 
 from orthomerge.errors import OrthomergeError
-from orthomerge.merge import METHODS, get_method
+from orthomerge.merge import METHODS, get_method, list_methods
 from orthomerge.merge.elementwise import abs_histogram_threshold, trim_threshold
 from orthomerge.merge.recompress import factored_svd, recompress_dense, recompress_factors
 from orthomerge.merge.registry import ModuleUpdates, PerTask
@@ -341,3 +341,58 @@ def test_unknown_method_and_parameter():
         get_method("ties", "factored")
     assert get_method("ties", "core").name == "core_ties"
     assert get_method("ties", "knots").name == "knots_ties"
+
+
+# ---------------------------------------------------------------- typed hyper-parameters (one source of truth)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_parameters_are_the_rule_signature(name):
+    """Defaults come from the function signature, nowhere else; --list-methods shows every one."""
+    import inspect
+
+    spec = METHODS[name]
+    sig = inspect.signature(spec.fn)
+    assert spec.defaults == {k: p.default for k, p in list(sig.parameters.items())[1:]}
+    assert spec.resolve({}) == spec.defaults
+    lines = list_methods()
+    at = next(i for i, line in enumerate(lines) if line.split()[0] == name)
+    for key, default in spec.defaults.items():
+        assert f"{key}={default!r}" in lines[at + 1]
+
+
+@pytest.mark.parametrize("method, params, needle", [
+    ("ties", {"sign": "most"}, "sign='most'"),
+    ("ties", {"density": 0.0}, "density=0.0"),
+    ("ties", {"density": 1.5}, "density=1.5"),
+    ("ties", {"scale": float("nan")}, "scale=nan"),
+    ("ties", {"scale": "1"}, "scale='1'"),
+    ("fisher", {"normalize_fisher": 1}, "normalize_fisher=1"),
+    ("do_merging", {"steps": True}, "steps=True"),
+    ("do_merging", {"steps": 2.5}, "steps=2.5"),
+    ("regmean", {"alpha": 1.2}, "alpha=1.2"),
+    ("emr", {"rescale_scope": "layer"}, "rescale_scope='layer'"),
+    ("core_ties", {"trim_scope": "model"}, "unknown parameter 'trim_scope'"),
+])
+def test_bad_parameters_are_one_line_errors(method, params, needle):
+    with pytest.raises(OrthomergeError) as err:
+        get_method(method).resolve(params)
+    message = str(err.value)
+    assert needle in message and method in message and "\n" not in message
+
+
+def test_valid_parameters_pass_unchanged():
+    spec = get_method("ties")
+    assert spec.resolve({"density": [0.2, 0.5], "scale": 2})["density"] == [0.2, 0.5]
+    assert spec.resolve({"scale": 2})["scale"] == 2          # ints are numbers; values are not rewritten
+    assert get_method("search").resolve({"methods": ["ties", "tsv"], "lambdas": 0.5})["lambdas"] == 0.5
+
+
+def test_register_refuses_an_untyped_parameter():
+    from orthomerge.merge.registry import register
+
+    with pytest.raises(ValueError, match="needs a type annotation and a default"):
+        @register("untyped_test_method", space="factored", family="test", summary="x")
+        def untyped(updates, scale=1.0):
+            return None
+    assert "untyped_test_method" not in METHODS

@@ -29,23 +29,24 @@ def register(subparsers) -> None:
     hyper = p.add_argument_group("hyper-parameters")
     hyper.add_argument("--scale", type=float, help="global coefficient λ (task arithmetic, TIES, TSV α, Iso λ, …)")
     hyper.add_argument("--density", type=float, help="fraction kept: TIES/magnitude top-k, DARE 1 − p")
-    hyper.add_argument("--space", choices=["factored", "dense", "core", "knots"],
-                       help="pick the variant of --method in this space (ties + core → core_ties)")
+    hyper.add_argument("--space", metavar="SPACE",
+                       help="pick the variant of --method in this space: factored, dense, core or knots (ties + core → core_ties)")
     hyper.add_argument("--stats", nargs="+", metavar="FILE", help="statistics per adapter (regmean)")
     hyper.add_argument("--data", nargs="+", metavar="TASK",
                        help="task data per adapter for data-driven methods (fisher, adamerging, search): a bundled "
                             "task name or a tasks YAML (file.yaml, or file.yaml#name); needs --model")
     hyper.add_argument("--seed", type=int, default=0, help="seed of random rules (DARE); default 0")
     hyper.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="any other method parameter, e.g. --set sign=frequency --set normalize=weight")
+                       help="any other method parameter (JSON or text; typed and checked by the method's signature, see "
+                            "--list-methods), e.g. --set sign=frequency --set normalize=weight")
     out = p.add_argument_group("output")
     out.add_argument("--out", help="output folder (written atomically)")
     out.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     out.add_argument("--rank", type=int, help="re-compress every module to rank k (exact SVD from factors; "
                      "dense results default to Σr); the error is reported")
     out.add_argument("--dense", action="store_true", help="write full merged model folders instead of a LoRA")
-    out.add_argument("--svd", choices=["auto", "exact", "randomized"], default="auto",
-                     help="SVD for re-compressing dense results (auto: exact up to 2048², randomized above)")
+    out.add_argument("--svd", default="auto",
+                     help="SVD for re-compressing dense results: auto (exact up to 2048², randomized above), exact or randomized")
     out.add_argument("--threads", type=int, default=None,
                      help="torch threads while merging (default $ORTHOMERGE_THREADS or 1: many small "
                           "decompositions run faster single-threaded; 0 = torch's default)")

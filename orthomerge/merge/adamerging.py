@@ -119,7 +119,7 @@ def _prepare(ctx: MergeContext) -> Prepared:
 
 @register("adamerging", space="factored", family="data", needs_data=True, prepare=_prepare,
           summary="AdaMerging: task/layer-wise λ learned by entropy minimisation on unlabelled validation "
-                  "inputs (all adapters active via hooks, exact rank Σr; needs --model and --data)")
+                  "inputs (all adapters active via hooks, exact rank Σr; needs the base model and task data)")
 def adamerging(updates: ModuleUpdates, granularity: Literal["layer", "task"] = "layer", init: float = 0.3,
                lr: float = 0.01, steps: int = 100, batch_size: int = 16, samples: int = 0,
                split: Literal["validation", "train"] = "validation", max_length: int = 64,

@@ -111,7 +111,7 @@ def _prepare(ctx: MergeContext) -> Prepared:
 
 @register("fisher", space="dense", family="data", needs_data=True, prepare=_prepare,
           summary="Fisher merging: Σ c_i F_i ⊙ ΔW_i / Σ c_i F_i with exact per-example diagonal Fishers of "
-                  "each module's W (needs --model and --data, train split)")
+                  "each module's W (needs the base model and task data, train split)")
 def fisher(updates: ModuleUpdates, scale: float = 1.0, floor: float = 1e-6, normalize_fisher: bool = True,
            labels: Literal["expected", "gold", "sample"] = "expected", split: Literal["train", "validation"] = "train",
            samples: int = 256, batch_size: int = 16, max_length: int = 64) -> Dense:

@@ -178,7 +178,7 @@ def run_recipe(yaml_path: str | Path, out: str | Path | None = None, progress: b
     target = out or kwargs.pop("out")
     kwargs.pop("out", None)
     if target is None:
-        raise OrthomergeError(f"{yaml_path}: no output path (output.path in the recipe, or --out)")
+        raise OrthomergeError(f"{yaml_path}: no output path (output.path in the recipe, or out=)")
     params = kwargs.pop("params")
     adapters = kwargs.pop("adapters")
     check_output(target, overwrite=overwrite, inputs=[yaml_path, *adapters])

@@ -209,7 +209,7 @@ def _prepare(ctx: MergeContext) -> Prepared:
 
 @register("search", space="dense", family="search", needs_data=True, prepare=_prepare,
           summary="search: method × hyper-parameters × λ by successive halving on validation rows; "
-                  "writes OUT/recipe.yaml (needs --model and --data)")
+                  "writes OUT/recipe.yaml (needs the base model and task data)")
 def search(updates: ModuleUpdates, methods: Union[str, list[str]] = DEFAULT_METHODS,
            lambdas: Union[str, float, list[float]] = "0.25,0.5,0.75,1.0,1.25",
            densities: Union[str, float, list[float]] = "0.1,0.2,0.4", min_samples: int = 16, eta: float = 3,

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -25,8 +26,8 @@ from ..models import LABELLED_TASK_TYPES
 from .inputs import (adapter_keys, check_weights, load_adapters, load_data, load_stats, module_grams,
                      resolve_model, task_names, validate_compatible, where)
 from .recompress import recompress_dense, recompress_factors
-from .registry import (Dense, Finalized, LowRank, MergeContext, MethodSpec, ModuleUpdates, PerTask, Prepared,
-                       get_method, module_seed)
+from .registry import (DEFAULT_METHOD, METHODS, Dense, Finalized, LowRank, MergeContext, MethodSpec, ModuleUpdates,
+                       PerTask, Prepared, get_method, module_seed)
 from .result import HEAD_POLICY, MergeResult
 
 log = logging.getLogger("orthomerge")
@@ -54,7 +55,7 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(old)
 
 
-def merge_adapters(adapters, method: str = "task_arithmetic", weights=None, *, space: str | None = None,
+def merge_adapters(adapters, method: str = DEFAULT_METHOD, weights=None, *, space: str | None = None,
                    rank: int | None = None, dense: bool = False, model=None, stats=None, seed: int = 0,
                    svd: str = "auto", progress: bool = False, threads: int | None = None, data=None,
                    tokenizer=None, **params) -> MergeResult:
@@ -66,8 +67,8 @@ def merge_adapters(adapters, method: str = "task_arithmetic", weights=None, *, s
     results; dense results default to Σr). ``dense``: keep dense ΔW for a full merged model (needs the base
     ``model``: a spec string or module; default the adapters' base_model_name_or_path). ``stats``: one
     statistics file (or object with ``gram``/``tokens``/``modules``) per adapter, for statistics-driven
-    methods (``regmean``). ``threads``: torch threads during the merge (see :func:`torch_threads`).
-    ``data``: for data-driven methods (``fisher``, ``adamerging``, ``search``), one item per adapter — a
+    methods. ``threads``: torch threads during the merge (see :func:`torch_threads`).
+    ``data``: for data-driven methods (``needs_data``), one item per adapter — a
     :class:`~orthomerge.tasks.Task`, a :class:`~orthomerge.tasks.Split`, a bundled task name or a tasks
     YAML (``file.yaml`` with one task, or ``file.yaml#name``); each method says which split it uses.
     ``tokenizer``: for data-driven methods when ``model`` is a module without a local folder name.
@@ -101,8 +102,9 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
     notes: list[str] = []
     biased = [a for a in adapters if a.has_biases]
     if biased and not spec.linear:
+        linear = ", ".join(sorted(n for n, m in METHODS.items() if m.linear and m.space == "factored"))
         raise OrthomergeError(f"{where(biased[0])}: has biases (lora_bias or bias={biased[0].config.get('bias')!r}), "
-                              f"which merge exactly only with linear methods (task_arithmetic); {spec.name} is "
+                              f"which merge exactly only with linear methods ({linear}); {spec.name} is "
                               "not linear in the updates")
     needs_weights = ("dense output" if dense else f"{spec.name}" if spec.needs_data else
                      "merging trained biases (bias='lora_only'|'all')" if any(a.biases for a in adapters) else None)
@@ -125,7 +127,7 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
     t_load = time.perf_counter() - t0
 
     def merge_dense(other: str, other_params: dict) -> dict[str, torch.Tensor]:
-        """Another method's dense ΔW of these adapters (for methods that compare merges, e.g. search)."""
+        """Another method's dense ΔW of these adapters (for methods that compare merges)."""
         sub = get_method(other)
         result = _merge(adapters, other, weights, space=None, rank=None, dense=True, model=model,
                         stats=ctx.stats if sub.needs_stats else None, seed=seed, svd=svd, progress=False,
@@ -140,41 +142,10 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
     prepared = spec.prepare(ctx) if spec.prepare is not None else Prepared()
     t_prep = time.perf_counter() - s
 
-    t_rule = t_comp = 0.0
     outputs = names if spec.per_task else [""]                  # "" = the one merged update
-    factors = {o: ({}, {}) for o in outputs}                   # output -> (B, A) per module
-    dense_out = {o: {} for o in outputs} if dense else None
-    losses: dict[str, dict] = {}
-    info: dict[str, object] = {}
-    for m in tqdm(modules, desc=f"merge {spec.name}", unit="module", disable=not progress):
-        updates = ModuleUpdates(name=m, factors=[a.scaled_factors(m) for a in adapters], weights=weights,
-                                seeds=[module_seed(seed, key, m) for key in keys], extras=prepared.extras.get(m))
-        if loaded_stats is not None:
-            updates.grams, updates.tokens = module_grams(loaded_stats, m, updates.shape[1])
-        s = time.perf_counter()
-        result = spec.fn(updates, **resolved)
-        t_rule += time.perf_counter() - s
-        s = time.perf_counter()
-        if isinstance(result, PerTask):
-            info[m] = result.info
-            results = result.updates
-        else:
-            results = [result]
-        sum_r = sum(updates.ranks)
-        for out_name, upd in zip(outputs, results):
-            key = m if out_name == "" else f"{out_name}:{m}"
-            if dense:
-                dense_out[out_name][m] = upd.delta if isinstance(upd, Dense) else upd.B @ upd.A
-                continue
-            if isinstance(upd, LowRank):
-                b, a_, loss = recompress_factors(upd.B, upd.A, rank)
-            else:
-                b, a_, loss = recompress_dense(upd.delta, rank or sum_r, svd)
-            factors[out_name][0][m], factors[out_name][1][m] = _nonempty(b, a_)
-            losses[key] = loss
-        t_comp += time.perf_counter() - s
-
-    finalized = spec.finalize(ctx, info) if spec.finalize is not None else Finalized()
+    run = _run_modules(spec, ctx, prepared, loaded_stats, outputs, dense=dense, rank=rank, svd=svd)
+    factors, dense_out, losses = run.factors, run.dense, run.losses
+    finalized = spec.finalize(ctx, run.info) if spec.finalize is not None else Finalized()
     for m, scales in finalized.scales.items():   # per output, a multiplier of the (linear) update
         for out_name, c in zip(outputs, scales):
             if dense:
@@ -201,7 +172,7 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
         "total": {"rel_error": (err_sq / tot_sq) ** 0.5 if tot_sq > 0 else 0.0,
                   "max_module_rel_error": max((l.rel_error for l in losses.values()), default=0.0),
                   "err_sq": err_sq, "total_sq": tot_sq},
-        "timing": {"load_s": t_load, "rule_s": t_rule, "recompress_s": t_comp,
+        "timing": {"load_s": t_load, "rule_s": run.rule_s, "recompress_s": run.recompress_s,
                    "merge_s": time.perf_counter() - t0},
         "notes": notes,
     }
@@ -215,6 +186,54 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
     return MergeResult(method=spec.name, params=resolved, names=names, adapters=adapters, merged=merged,
                        tasks=tasks, dense=dense_out, report=report, model=model, bias_delta=bias_delta,
                        files=dict(prepared.files))
+
+
+@dataclass
+class ModuleRun:
+    """The per-module loop's outputs: per output name, (B, A) per module or dense ΔW per module; the
+    re-compression losses; each module's ``PerTask.info`` for ``finalize``; timings."""
+
+    factors: dict
+    dense: dict | None
+    losses: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    rule_s: float = 0.0
+    recompress_s: float = 0.0
+
+
+def _run_modules(spec: MethodSpec, ctx: MergeContext, prepared: Prepared, loaded_stats, outputs: list[str], *,
+                 dense: bool, rank: int | None, svd: str) -> ModuleRun:
+    """The rule on every module, one at a time; each update kept exact, re-compressed, or dense."""
+    run = ModuleRun(factors={o: ({}, {}) for o in outputs}, dense={o: {} for o in outputs} if dense else None)
+    for m in tqdm(ctx.modules, desc=f"merge {spec.name}", unit="module", disable=not ctx.progress):
+        updates = ModuleUpdates(name=m, factors=[a.scaled_factors(m) for a in ctx.adapters], weights=ctx.weights,
+                                seeds=[module_seed(ctx.seed, key, m) for key in ctx.keys],
+                                extras=prepared.extras.get(m))
+        if loaded_stats is not None:
+            updates.grams, updates.tokens = module_grams(loaded_stats, m, updates.shape[1])
+        s = time.perf_counter()
+        result = spec.fn(updates, **ctx.params)
+        run.rule_s += time.perf_counter() - s
+        s = time.perf_counter()
+        if isinstance(result, PerTask):
+            run.info[m] = result.info
+            results = result.updates
+        else:
+            results = [result]
+        sum_r = sum(updates.ranks)
+        for out_name, upd in zip(outputs, results):
+            key = m if out_name == "" else f"{out_name}:{m}"
+            if dense:
+                run.dense[out_name][m] = upd.delta if isinstance(upd, Dense) else upd.B @ upd.A
+                continue
+            if isinstance(upd, LowRank):
+                b, a_, loss = recompress_factors(upd.B, upd.A, rank)
+            else:
+                b, a_, loss = recompress_dense(upd.delta, rank or sum_r, svd)
+            run.factors[out_name][0][m], run.factors[out_name][1][m] = _nonempty(b, a_)
+            run.losses[key] = loss
+        run.recompress_s += time.perf_counter() - s
+    return run
 
 
 def _adapters(spec: MethodSpec, resolved: dict, adapters: list[LoraAdapter], names: list[str], weights, seed,
@@ -264,25 +283,6 @@ def _merge_biases(spec: MethodSpec, call: dict, adapters: list[LoraAdapter], wei
         biases[k] = base + merged(k, [a.biases[k].to(torch.float32) - base if k in a.biases
                                       else torch.zeros_like(base) for a in adapters])
     return lora_bias, biases
-
-
-def _check_finite(factors: dict, dense_out: dict | None, biases: dict, losses: dict) -> None:
-    """A merged update with NaN or Inf (e.g. from huge weights) is an error, never an output."""
-    for out_name, (B, A) in factors.items():
-        for m in B:
-            if not (torch.isfinite(B[m]).all() and torch.isfinite(A[m]).all()):
-                raise OrthomergeError(f"{m}: the merged update is not finite (NaN or Inf{' for ' + out_name if out_name else ''}); "
-                                      "check the weights and scale")
-    for deltas in (dense_out or {}).values():
-        for m, d in deltas.items():
-            if not torch.isfinite(d).all():
-                raise OrthomergeError(f"{m}: the merged update is not finite (NaN or Inf); check the weights and scale")
-    for name, b in biases.items():
-        if not torch.isfinite(b).all():
-            raise OrthomergeError(f"{name}: the merged bias is not finite (NaN or Inf); check the weights and scale")
-    for key, loss in losses.items():
-        if not (math.isfinite(loss.err_sq) and math.isfinite(loss.total_sq)):
-            raise OrthomergeError(f"{key}: the merged update's norm overflows (not finite); check the weights and scale")
 
 
 def _check_finite(factors: dict, dense_out: dict | None, biases: dict, losses: dict) -> None:

@@ -264,6 +264,7 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {}
+DEFAULT_METHOD = "task_arithmetic"   # what merge_adapters runs when no method is named
 
 
 def register(name: str, *, space: str, family: str, summary: str, base: str | None = None, random: bool = False,

@@ -39,7 +39,7 @@ class MergeResult:
     ``merged``: the merged LoRA without heads (scaling 1; ``None`` for per-task methods and dense output).
     ``tasks``: per task name, the merged LoRA plus that task's head (per-task methods: the task's own update).
     ``dense``: with ``dense=True``, per output (``""`` = merged, else a task name) the merged ΔW per module.
-    ``files``: extra files (name → text) the method wrote into the output folder (e.g. search's recipe).
+    ``files``: extra files (name → text) the method asked to write into the output folder.
     """
 
     method: str

@@ -156,10 +156,14 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_adapter(path: str | Path) -> LoraAdapter:
-    """Read a PEFT LoRA folder. Embedding LoRA, DoRA and LoRA biases are refused, not silently dropped."""
-    path = Path(path)
+    """Read a PEFT LoRA folder (local, or a Hub repo id). Embedding LoRA and DoRA are refused, not silently dropped."""
+    spec, path = str(path), Path(path)
     if not path.is_dir():
-        raise OrthomergeError(f"{path}: not an adapter folder")
+        from .hub import ADAPTER_FILES, snapshot
+
+        path = snapshot(spec, ADAPTER_FILES)
+        if path is None:
+            raise OrthomergeError(f"{spec}: not an adapter folder (nor a Hugging Face Hub repo id)")
     weights = path / WEIGHTS_NAME
     if not weights.exists() and (path / PICKLE_NAME).exists():
         raise OrthomergeError(f"{path / PICKLE_NAME}: pickle adapters are refused; re-save with safetensors")

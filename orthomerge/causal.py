@@ -1,0 +1,135 @@
+"""Tasks for causal language models: prompt → completion, trained on the completion tokens only, scored by
+the log-likelihood of each label's completion (and, for free-form completions, greedy exact match).
+
+A labelled task becomes a completion task through a template over its columns and one verbaliser per
+label: ``"Review: {text}\\nSentiment:"`` → ``" positive"``. Prompt and completion are tokenised separately
+and concatenated (the prompt with the tokenizer's special tokens, the completion without), so the
+completion's tokens are the same in training, in scoring and in generation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import OrthomergeError
+
+DEFAULT_TEMPLATE = "{text}\nAnswer:"
+DEFAULT_PAIR_TEMPLATE = "{text}\n{pair}\nAnswer:"
+IGNORE = -100   # label id the loss skips (prompt tokens, padding): transformers' convention
+
+
+@dataclass
+class Completions:
+    """Parallel prompts and gold completions; ``choices`` are the candidate completions of a labelled task
+    (label i ↔ ``choices[i]``) and ``labels`` the gold label ids (``None`` for free-form completions)."""
+
+    prompts: list[str]
+    completions: list[str]
+    choices: list[str] | None = None
+    labels: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def verbalise(split, label_names: list[str] | None, template: str | None = None,
+              choices: list[str] | None = None) -> Completions:
+    """A labelled :class:`~orthomerge.tasks.Split` as completions: ``template`` over ``{text}`` (and ``{pair}``),
+    label i's completion ``choices[i]`` (default: a space and the label name)."""
+    if label_names is None:
+        raise OrthomergeError("a regression task cannot be a causal-LM task (no label to complete)")
+    choices = choices or [f" {name}" for name in label_names]
+    if len(choices) != len(label_names):
+        raise OrthomergeError(f"{len(choices)} completions for {len(label_names)} labels")
+    template = template or (DEFAULT_PAIR_TEMPLATE if split.pairs is not None else DEFAULT_TEMPLATE)
+    pairs = split.pairs or [None] * len(split)
+    try:
+        prompts = [template.format(text=t, pair=p) for t, p in zip(split.texts, pairs)]
+    except KeyError as err:
+        raise OrthomergeError(f"prompt template {template!r}: unknown field {err} (use {{text}} and {{pair}})") from None
+    return Completions(prompts, [choices[y] for y in split.labels], list(choices), list(split.labels))
+
+
+def encode_completions(tokenizer, prompts: list[str], completions: list[str], max_length: int, eos: bool = True) -> list[dict]:
+    """``input_ids`` = prompt + completion (+ EOS), ``labels`` = IGNORE on the prompt; the prompt is cut from
+    the left when the whole would exceed ``max_length`` (the completion is what is learned and scored)."""
+    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    out = []
+    for p, c in zip(prompt_ids, completion_ids):
+        if eos and tokenizer.eos_token_id is not None:
+            c = c + [tokenizer.eos_token_id]
+        if not c:
+            raise OrthomergeError("an empty completion has no tokens to learn or score")
+        p = p[max(0, len(p) + len(c) - max_length):]
+        ids = p + c
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE] * len(p) + c})
+    return out
+
+
+def collate(tokenizer, rows: list[dict]) -> dict:
+    """Right-padded tensors; padded labels are IGNORE (transformers' ``DataCollatorForSeq2Seq``)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE, return_tensors="pt")(rows)
+
+
+def completion_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ log p(token) over the labelled tokens of each row (the next-token shift applied): [batch]."""
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    target = labels[:, 1:]
+    mask = target != IGNORE
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+def choice_scores(model, tokenizer, data: Completions, max_length: int = 64, batch_size: int = 32) -> np.ndarray:
+    """``[rows, choices]`` log-likelihood of every candidate completion after every prompt."""
+    if not data.choices:
+        raise OrthomergeError("label scoring needs the candidate completions (choices)")
+    k = len(data.choices)
+    rows = encode_completions(tokenizer, [p for p in data.prompts for _ in range(k)], data.choices * len(data), max_length,
+                  eos=False)
+    order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
+    scores = np.empty(len(rows))
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = {key: v.to(device) for key, v in collate(tokenizer, [rows[i] for i in idx]).items()}
+            labels = batch.pop("labels")
+            scores[idx] = completion_logprob(model(**batch).logits, labels).cpu().numpy()
+    return scores.reshape(len(data), k)
+
+
+def predict_labels(model, tokenizer, data: Completions, max_length: int = 64, batch_size: int = 32) -> list[int]:
+    """The label whose completion is most likely after each prompt (first label on a tie)."""
+    return choice_scores(model, tokenizer, data, max_length, batch_size).argmax(1).tolist()
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
+    """Greedy completions (left-padded batches), decoded without special tokens."""
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    out = []
+    try:
+        model.eval()
+        with torch.inference_mode():
+            for start in range(0, len(prompts), batch_size):
+                enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
+                ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+                out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Share of generations equal to the reference after stripping white space."""
+    if not references:
+        return float("nan")
+    return float(np.mean([p.strip() == r.strip() for p, r in zip(predictions, references)]))

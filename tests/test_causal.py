@@ -1,0 +1,86 @@
+"""Causal-LM tasks: verbalised prompts, completion-only labels, label scoring by log-likelihood (against a
+hand computation on a tiny random Llama), greedy generation and exact match."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from trust_fixtures import save_llama
+
+from orthomerge.causal import (IGNORE, Completions, choice_scores, collate, encode_completions, exact_match,
+                               generate, predict_labels, verbalise)
+from orthomerge.errors import OrthomergeError
+from orthomerge.models import load_model, load_tokenizer
+from orthomerge.tasks import Split
+
+
+@pytest.fixture(scope="module")
+def causal_llama(tmp_path_factory):
+    return str(save_llama(tmp_path_factory.mktemp("causal_llama"), causal=True))
+
+
+@pytest.fixture(scope="module")
+def lm(causal_llama):
+    return load_model(causal_llama, task_type="CAUSAL_LM"), load_tokenizer(causal_llama)
+
+
+def test_verbalise_with_template_and_choices():
+    split = Split(["good movie", "bad show"], [1, 0])
+    data = verbalise(split, ["negative", "positive"], template="review {text} answer")
+    assert data.prompts == ["review good movie answer", "review bad show answer"]
+    assert data.completions == [" positive", " negative"] and data.choices == [" negative", " positive"]
+    with pytest.raises(OrthomergeError, match="regression"):
+        verbalise(split, None)
+    with pytest.raises(OrthomergeError, match="unknown field"):
+        verbalise(split, ["a", "b"], template="{sentence}")
+
+
+def test_labels_cover_the_completion_only(lm):
+    _, tok = lm
+    rows = encode_completions(tok, ["good movie answer"], [" fun"], max_length=64)
+    prompt = tok("good movie answer")["input_ids"]
+    completion = tok(" fun", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert rows[0]["input_ids"] == prompt + completion
+    assert rows[0]["labels"] == [IGNORE] * len(prompt) + completion
+    cut = encode_completions(tok, ["good movie love fun star show answer"], [" fun"], max_length=4)[0]
+    assert len(cut["input_ids"]) == 4 and cut["labels"][-2:] == completion   # the prompt is cut, not the answer
+
+
+def test_lm_loss_is_the_mean_over_completion_tokens(lm):
+    model, tok = lm
+    rows = encode_completions(tok, ["good movie answer", "bad"], [" fun", " boring show"], max_length=64)
+    batch = collate(tok, rows)
+    loss = model(**batch).loss
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    terms = []
+    for b, row in enumerate(rows):
+        for t, y in enumerate(row["labels"]):
+            if y != IGNORE:
+                terms.append(-torch.log_softmax(logits[b, t - 1], -1)[y])
+    torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_label_scores_equal_a_hand_computation(lm):
+    model, tok = lm
+    data = Completions(["good movie answer", "bad show answer call now"], [" fun", " boring"], [" fun", " boring"], [0, 1])
+    got = choice_scores(model, tok, data, batch_size=3)
+    for i, prompt in enumerate(data.prompts):
+        p = tok(prompt)["input_ids"]
+        for j, choice in enumerate(data.choices):
+            c = tok(choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0], -1)
+            want = sum(float(logp[len(p) + k - 1, tok_id]) for k, tok_id in enumerate(c))
+            assert got[i, j] == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert predict_labels(model, tok, data) == got.argmax(1).tolist()
+    np.testing.assert_allclose(choice_scores(model, tok, data, batch_size=1), got, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_generation_and_exact_match(lm):
+    model, tok = lm
+    prompts = ["good movie", "bad show answer call now"]
+    out = generate(model, tok, prompts, max_new_tokens=3, batch_size=2)
+    for prompt, text in zip(prompts, out):   # batched left padding gives what one prompt alone gives
+        assert generate(model, tok, [prompt], max_new_tokens=3) == [text]
+    assert tok.padding_side == "right"
+    assert exact_match(out, out) == 1.0 and exact_match([" a"], ["b"]) == 0.0

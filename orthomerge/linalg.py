@@ -19,7 +19,7 @@ def fix_signs(rows):
 def row_signs(rows: torch.Tensor) -> torch.Tensor:
     """±1 per row: the sign of its largest-|·| entry (+1 for an all-zero row)."""
     pivot = rows.abs().argmax(dim=1)
-    signs = torch.sign(rows[torch.arange(rows.shape[0]), pivot])
+    signs = torch.sign(rows[torch.arange(rows.shape[0], device=rows.device), pivot])
     signs[signs == 0] = 1
     return signs
 

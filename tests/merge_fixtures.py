@@ -77,7 +77,7 @@ def adapter_dirs(tmp_path_factory, merge_model_dir):
 
 def random_task(m: int = 24, n: int = 20, ranks=(3, 2, 4), weights=None, seed: int = 0,
                 name: str = "mod") -> ModuleUpdates:
-    """A :class:`ModuleTask` of random float32 factors (scale already folded)."""
+    """A :class:`ModuleUpdates` of random float32 factors (scale already folded)."""
     g = torch.Generator().manual_seed(seed)
     factors = [(torch.randn(m, r, generator=g), torch.randn(r, n, generator=g) / n**0.5) for r in ranks]
     weights = list(weights) if weights is not None else [1.0] * len(ranks)
@@ -98,8 +98,8 @@ def deltas(task: ModuleUpdates) -> list[np.ndarray]:
 def update(out) -> np.ndarray:
     """Dense float64 array of a rule's output (LowRank or Dense)."""
     if hasattr(out, "delta"):
-        return out.delta.double().numpy()
-    return (out.B.double() @ out.A.double()).numpy()
+        return out.delta.double().cpu().numpy()
+    return (out.B.double() @ out.A.double()).cpu().numpy()
 
 
 def rel(x, y) -> float:

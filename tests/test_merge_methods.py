@@ -396,3 +396,16 @@ def test_register_refuses_an_untyped_parameter():
         def untyped(updates, scale=1.0):
             return None
     assert "untyped_test_method" not in METHODS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if not (m.needs_data or m.needs_stats)))
+def test_rules_on_cuda_equal_the_cpu(name):
+    """Every data-free rule runs on the device of its inputs and gives the CPU's result (float tolerance)."""
+    import dataclasses
+
+    task = random_task()
+    on_gpu = dataclasses.replace(task, factors=[(b.cuda(), a.cuda()) for b, a in task.factors])
+    for want, got in zip(outputs(run(name, task, **property_params(name))),
+                         outputs(run(name, on_gpu, **property_params(name)))):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)

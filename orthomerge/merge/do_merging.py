@@ -39,9 +39,9 @@ from ..errors import OrthomergeError
 from .registry import LowRank, ModuleUpdates, register
 
 
-def _off_blocks(sizes: list[int]) -> torch.Tensor:
+def _off_blocks(sizes: list[int], device=None) -> torch.Tensor:
     """R×R mask, 1 off the diagonal blocks of the given sizes."""
-    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    owner = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
     return (owner[:, None] != owner[None, :]).to(torch.float64)
 
 
@@ -51,7 +51,7 @@ def orthogonalise(rows: list[torch.Tensor], gamma: float, steps: int, lr: float)
     norms = [float(x.norm()) for x in rows]
     sizes = [x.shape[0] for x in rows]
     base = torch.cat([x.to(torch.float64) / n if n > 0 else x.to(torch.float64) for x, n in zip(rows, norms)], 0)
-    mask = _off_blocks(sizes)
+    mask = _off_blocks(sizes, base.device)
     delta = torch.zeros_like(base)
     for _ in range(steps):
         x = base + delta

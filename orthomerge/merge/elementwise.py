@@ -48,7 +48,7 @@ def kth_largest_abs(x: torch.Tensor, k: int, select: str = "partition") -> float
     a = x.reshape(-1).abs_()
     pos = a.numel() - k
     if select == "partition":
-        arr = a.numpy()
+        arr = a.cpu().numpy()   # numpy introselect (on the CPU whatever the device)
         arr.partition(pos)
         return float(arr[pos])
     if select == "kthvalue":
@@ -132,14 +132,14 @@ def _dropper(updates, density, rescale: bool):
             return x
         if dens[i] <= 0.0:
             return x.zero_()
-        x = x * dare_mask(seeds[i], j, tuple(x.shape), dens[i])
+        x = x * dare_mask(seeds[i], j, tuple(x.shape), dens[i]).to(x.device)   # same masks on every device
         return x / dens[i] if rescale else x
     return prepare
 
 
 def _combine(updates, prepare, reduce) -> torch.Tensor:
-    out = torch.empty(updates.shape, dtype=torch.float32)
-    w = torch.tensor(updates.weights, dtype=torch.float32).view(-1, 1, 1)
+    out = torch.empty(updates.shape, dtype=torch.float32, device=updates.device)
+    w = torch.tensor(updates.weights, dtype=torch.float32, device=updates.device).view(-1, 1, 1)
     for start, stop, stacked in _blocks(updates, prepare):
         out[start:stop] = reduce(stacked * w, w)
     return out

@@ -41,8 +41,8 @@ def emr(updates: ModuleUpdates, rescale_scope: Literal["model", "module"] = "mod
     """Per-task masked updates of one module, and this module's shares of each task's rescaler."""
     m, n = updates.shape
     t = len(updates)
-    uni = torch.empty(m, n)
-    masks = [torch.empty(m, n, dtype=torch.bool) for _ in range(t)]
+    uni = torch.empty(m, n, device=updates.device)
+    masks = [torch.empty(m, n, dtype=torch.bool, device=updates.device) for _ in range(t)]
     numer = [0.0] * t
     denom = [0.0] * t
     step = block_rows(n)

@@ -58,7 +58,7 @@ def torch_threads(threads: int | None):
 def merge_adapters(adapters, method: str = DEFAULT_METHOD, weights=None, *, space: str | None = None,
                    rank: int | None = None, dense: bool = False, model=None, stats=None, seed: int = 0,
                    svd: str = "auto", progress: bool = False, threads: int | None = None, data=None,
-                   tokenizer=None, **params) -> MergeResult:
+                   tokenizer=None, device=None, **params) -> MergeResult:
     """Merge LoRA adapters (folders or :class:`LoraAdapter`) with a registered method.
 
     ``weights`` (default 1 each) are per task, ``params`` the method's hyper-parameters (``scale`` λ,
@@ -72,10 +72,13 @@ def merge_adapters(adapters, method: str = DEFAULT_METHOD, weights=None, *, spac
     :class:`~orthomerge.tasks.Task`, a :class:`~orthomerge.tasks.Split`, a bundled task name or a tasks
     YAML (``file.yaml`` with one task, or ``file.yaml#name``); each method says which split it uses.
     ``tokenizer``: for data-driven methods when ``model`` is a module without a local folder name.
+    ``device``: where the rules and re-compression run (default the CPU; e.g. ``"cuda"`` for large
+    modules); results come back to the CPU. Data-driven methods run the model where it is.
     """
     with torch_threads(threads):
         return _merge(adapters, method, weights, space=space, rank=rank, dense=dense, model=model, stats=stats,
-                      seed=seed, svd=svd, progress=progress, params=params, data=data, tokenizer=tokenizer)
+                      seed=seed, svd=svd, progress=progress, params=params, data=data, tokenizer=tokenizer,
+                      device=torch.device(device or "cpu"))
 
 
 def _nonempty(b: torch.Tensor, a: torch.Tensor):
@@ -86,7 +89,7 @@ def _nonempty(b: torch.Tensor, a: torch.Tensor):
 
 
 def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed, svd, progress,
-           params, data=None, tokenizer=None) -> MergeResult:
+           params, data=None, tokenizer=None, device=torch.device("cpu")) -> MergeResult:
     t0 = time.perf_counter()
     spec = get_method(method, space)
     adapters = load_adapters(adapters)
@@ -131,7 +134,8 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
         sub = get_method(other)
         result = _merge(adapters, other, weights, space=None, rank=None, dense=True, model=model,
                         stats=ctx.stats if sub.needs_stats else None, seed=seed, svd=svd, progress=False,
-                        params=other_params, data=ctx.data if sub.needs_data else None, tokenizer=tokenizer)
+                        params=other_params, data=ctx.data if sub.needs_data else None, tokenizer=tokenizer,
+                        device=device)
         return {m: result.delta(m) for m in modules}
 
     ctx = MergeContext(adapters=adapters, names=names, modules=modules, weights=weights, params=resolved,
@@ -143,7 +147,7 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
     t_prep = time.perf_counter() - s
 
     outputs = names if spec.per_task else [""]                  # "" = the one merged update
-    run = _run_modules(spec, ctx, prepared, loaded_stats, outputs, dense=dense, rank=rank, svd=svd)
+    run = _run_modules(spec, ctx, prepared, loaded_stats, outputs, dense=dense, rank=rank, svd=svd, device=device)
     factors, dense_out, losses = run.factors, run.dense, run.losses
     finalized = spec.finalize(ctx, run.info) if spec.finalize is not None else Finalized()
     for m, scales in finalized.scales.items():   # per output, a multiplier of the (linear) update
@@ -202,15 +206,18 @@ class ModuleRun:
 
 
 def _run_modules(spec: MethodSpec, ctx: MergeContext, prepared: Prepared, loaded_stats, outputs: list[str], *,
-                 dense: bool, rank: int | None, svd: str) -> ModuleRun:
-    """The rule on every module, one at a time; each update kept exact, re-compressed, or dense."""
+                 dense: bool, rank: int | None, svd: str, device: torch.device) -> ModuleRun:
+    """The rule on every module, one at a time on ``device``; each update kept exact, re-compressed, or
+    dense, and stored on the CPU."""
     run = ModuleRun(factors={o: ({}, {}) for o in outputs}, dense={o: {} for o in outputs} if dense else None)
     for m in tqdm(ctx.modules, desc=f"merge {spec.name}", unit="module", disable=not ctx.progress):
-        updates = ModuleUpdates(name=m, factors=[a.scaled_factors(m) for a in ctx.adapters], weights=ctx.weights,
+        factors = [tuple(t.to(device) for t in a.scaled_factors(m)) for a in ctx.adapters]
+        updates = ModuleUpdates(name=m, factors=factors, weights=ctx.weights,
                                 seeds=[module_seed(ctx.seed, key, m) for key in ctx.keys],
                                 extras=prepared.extras.get(m))
         if loaded_stats is not None:
-            updates.grams, updates.tokens = module_grams(loaded_stats, m, updates.shape[1])
+            grams, updates.tokens = module_grams(loaded_stats, m, updates.shape[1])
+            updates.grams = [g.to(device) for g in grams]
         s = time.perf_counter()
         result = spec.fn(updates, **ctx.params)
         run.rule_s += time.perf_counter() - s
@@ -224,13 +231,13 @@ def _run_modules(spec: MethodSpec, ctx: MergeContext, prepared: Prepared, loaded
         for out_name, upd in zip(outputs, results):
             key = m if out_name == "" else f"{out_name}:{m}"
             if dense:
-                run.dense[out_name][m] = upd.delta if isinstance(upd, Dense) else upd.B @ upd.A
+                run.dense[out_name][m] = (upd.delta if isinstance(upd, Dense) else upd.B @ upd.A).cpu()
                 continue
             if isinstance(upd, LowRank):
                 b, a_, loss = recompress_factors(upd.B, upd.A, rank)
             else:
                 b, a_, loss = recompress_dense(upd.delta, rank or sum_r, svd)
-            run.factors[out_name][0][m], run.factors[out_name][1][m] = _nonempty(b, a_)
+            run.factors[out_name][0][m], run.factors[out_name][1][m] = _nonempty(b.cpu(), a_.cpu())
             run.losses[key] = loss
         run.recompress_s += time.perf_counter() - s
     return run

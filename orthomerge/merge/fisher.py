@@ -123,10 +123,11 @@ def fisher(updates: ModuleUpdates, scale: float = 1.0, floor: float = 1e-6, norm
     norms = extras.get("fisher_norms")
     coeffs = [w / (n + floor) if normalize_fisher and norms and n + floor > 0 else w
               for w, n in zip(updates.weights, norms or [0.0] * len(updates))]
-    num = torch.zeros(updates.shape, dtype=torch.float64)
-    den = torch.zeros(updates.shape, dtype=torch.float64)
+    like = dict(dtype=torch.float64, device=updates.device)
+    num = torch.zeros(updates.shape, **like)
+    den = torch.zeros(updates.shape, **like)
     for i, (f, c) in enumerate(zip(fishers, coeffs)):
-        ft = (f.to(torch.float64) if f is not None else torch.ones(updates.shape, dtype=torch.float64)) + floor
+        ft = (f.to(**like) if f is not None else torch.ones(updates.shape, **like)) + floor
         num += (c * ft) * updates.full(i).to(torch.float64)
         den += abs(c) * ft
     out = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))

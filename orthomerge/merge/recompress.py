@@ -102,7 +102,7 @@ def recompress_dense(d: torch.Tensor, rank: int, svd: str = "auto") -> tuple[tor
         k = min(k, rho)
         B, A = u[:, :k] * s[:k], vh[:k]
     elif how == "randomized":   # Halko et al.: 4 power iterations, 10 extra columns, a fixed seed
-        with torch.random.fork_rng(devices=[]):   # the caller's global RNG state is left as it was
+        with torch.random.fork_rng(devices=[d.device] if d.is_cuda else []):   # the caller's RNG is left as it was
             torch.manual_seed(0)
             u, s, v = torch.svd_lowrank(d, q=min(k + OVERSAMPLE, m, n), niter=4)
         rho = numerical_rank(s, (m, n))

@@ -59,6 +59,10 @@ class ModuleUpdates:
         return b.shape[0], a.shape[1]
 
     @property
+    def device(self) -> torch.device:
+        return self.factors[0][1].device
+
+    @property
     def ranks(self) -> list[int]:
         return [a.shape[0] for _, a in self.factors]
 
@@ -83,6 +87,10 @@ class DenseUpdates:
 
     def __len__(self) -> int:
         return len(self.mats)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mats[0].device
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -45,7 +45,7 @@ def cholesky_jitter(s: torch.Tensor) -> torch.Tensor:
     if int(info) == 0:
         return chol
     scale = float(torch.diagonal(s).mean().abs()) or 1.0
-    eye = torch.eye(s.shape[0], dtype=s.dtype)
+    eye = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
     for eps in (1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
         chol, info = torch.linalg.cholesky_ex(s + eps * scale * eye)
         if int(info) == 0:

@@ -27,8 +27,14 @@ def tsv_combine(triplets, shape: tuple[int, int], scale: float) -> tuple[torch.T
     us, ss, vhs = zip(*[(u[:, :budget], s[:budget], vh[:budget]) for u, s, vh in triplets])
     u, s, vh = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)
     if s.numel() == 0:
-        return torch.zeros(shape[0], 1), torch.zeros(1, shape[1])
+        return torch.zeros(shape[0], 1, device=u.device), torch.zeros(1, shape[1], device=u.device)
     return (scale * polar(u) * s).to(torch.float32), polar(vh.T).T.to(torch.float32)
+
+
+def _zero(updates) -> LowRank:
+    """The all-zero update (rank 1) of a module whose updates sum to zero."""
+    m, n = updates.shape
+    return LowRank(torch.zeros(m, 1, device=updates.device), torch.zeros(1, n, device=updates.device))
 
 
 def dense_svd(x: torch.Tensor):
@@ -67,7 +73,7 @@ def iso_c(updates: ModuleUpdates, scale: float = 1.0) -> LowRank:
     ViT). Not an identity for one adapter unless its spectrum is already flat (it isotropises)."""
     u, s, vh = factored_svd(*stack_factors(updates, updates.weights))
     if s.numel() == 0:
-        return LowRank(torch.zeros(updates.shape[0], 1), torch.zeros(1, updates.shape[1]))
+        return _zero(updates)
     return LowRank((scale * s.mean() * u).to(torch.float32), vh.to(torch.float32))
 
 
@@ -85,7 +91,7 @@ def iso_cts(updates: ModuleUpdates, scale: float = 1.0, common_fraction: float =
     u, s, vh = factored_svd(*stack_factors(updates, updates.weights))
     rho, t = s.numel(), len(updates)
     if rho == 0:
-        return LowRank(torch.zeros(updates.shape[0], 1), torch.zeros(1, updates.shape[1]))
+        return _zero(updates)
     k = int(rho * common_fraction)
     specific = round((rho - k) / t) * t
     k = max(rho - specific, 0)

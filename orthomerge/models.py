@@ -158,9 +158,41 @@ def _head_kwargs(task_type: str | None, num_labels: int, regression: bool) -> di
     return {}
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_DTYPE = "auto"   # the checkpoint's own dtype (float32 for the bundled models)
+
+
+def resolve_device(device=None) -> torch.device:
+    """``None``/``"auto"``: CUDA if available, else Apple MPS, else the CPU; anything else as torch reads it."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype, path: Path | None = None) -> torch.dtype:
+    """``"auto"``: the dtype the checkpoint was saved in (``config.json``'s ``dtype``/``torch_dtype``, float32
+    when it says none); a name of :data:`DTYPES` or a torch dtype as given."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype or DEFAULT_DTYPE).replace("torch.", "")
+    if name == "auto":
+        saved = None
+        if path is not None and (path / "config.json").exists():
+            config = json.loads((path / "config.json").read_text())
+            saved = config.get("dtype") or config.get("torch_dtype")
+        return DTYPES.get(str(saved), torch.float32)
+    if name not in DTYPES:
+        raise OrthomergeError(f"dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def load_model(spec: str, num_labels: int = 2, regression: bool = False, seed: int = 0,
                task_type: str | None = "SEQ_CLS", weights: bool = True, pad_from_tokenizer: bool = True,
-               model_class: str | None = None):
+               model_class: str | None = None, dtype=torch.float32, device=None):
     """The base model as ``task_type`` (PEFT's names; default sequence classification).
 
     ``model_class`` (a transformers class name) overrides the task type's Auto class: an adapter with no
@@ -168,7 +200,8 @@ def load_model(spec: str, num_labels: int = 2, regression: bool = False, seed: i
     A fresh head is initialised from ``seed`` without touching torch's global generator. ``weights=False``
     builds the model from its config on the meta device: module names, types and shapes without reading
     any weight file (enough to validate adapters). A missing ``pad_token_id`` is taken from the tokenizer
-    unless ``pad_from_tokenizer`` is false (a merge needs no tokenizer).
+    unless ``pad_from_tokenizer`` is false (a merge needs no tokenizer). ``dtype`` (see :func:`resolve_dtype`)
+    and ``device`` (see :func:`resolve_device`; default the CPU) place the loaded weights.
     """
     import transformers
 
@@ -181,7 +214,8 @@ def load_model(spec: str, num_labels: int = 2, regression: bool = False, seed: i
             if weights:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
-                    model = auto.from_pretrained(str(path), dtype=torch.float32, **kwargs)
+                    model = auto.from_pretrained(str(path), dtype=resolve_dtype(dtype, path), **kwargs)
+                model = model.to(torch.device(device) if device is not None else "cpu")
             else:
                 kwargs.pop("ignore_mismatched_sizes", None)
                 config = transformers.AutoConfig.from_pretrained(str(path), **kwargs)

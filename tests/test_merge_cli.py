@@ -4,14 +4,16 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
-from merge_fixtures import adapter_dirs, make_adapter, merge_model_dir, peft_logits, rel  # noqa: F401
+from merge_fixtures import (adapter_dirs, make_adapter, merge_model_dir, patched_logits, peft_logits,  # noqa: F401
+                            rel)
 from safetensors.torch import load_file, save_file
 
 from orthomerge import cli
 from orthomerge.adapters import load_adapter
-from orthomerge.merge import REPORT_NAME
+REPORT_NAME = "merge_report.json"
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +34,12 @@ def test_list_methods(capsys):
         assert f"\n{name} " in "\n" + out
 
 
+def best_rank(d: np.ndarray, k: int) -> np.ndarray:
+    """The best rank-k approximation (Eckart–Young), by numpy's SVD."""
+    u, s, vh = np.linalg.svd(d, full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vh[:k]
+
+
 def test_cli_merge_writes_peft_folders(tmp_path, adapter_dirs, merge_model_dir):
     out = tmp_path / "out"
     assert orthomerge("--method", "task_arithmetic", "--adapters", *adapter_dirs, "--weights", 0.5, 1, 1,
@@ -39,9 +47,22 @@ def test_cli_merge_writes_peft_folders(tmp_path, adapter_dirs, merge_model_dir):
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["params"]["scale"] == 0.8 and report["output"]["rank"] == 4
     assert all(v["rank_out"] <= 4 for v in report["modules"].values())
-    for d in adapter_dirs:
-        assert (out / "tasks" / d.name / "adapter_config.json").exists()
-    peft_logits(merge_model_dir, out)          # the base comes from the adapters' base_model_name_or_path
+    # oracle: 0.8 Σ w_i s_i B_i A_i from the input adapters' own factors (float64), cut to rank 4 by SVD
+    inputs = [load_adapter(d) for d in adapter_dirs]
+    full = {m: 0.8 * sum(w * (a.B[m].double() * a.scaling[m]) @ a.A[m].double() for w, a in zip((0.5, 1, 1), inputs))
+            for m in inputs[0].modules}
+    cut = {m: best_rank(d.numpy(), 4) for m, d in full.items()}
+    for m, d in full.items():
+        lost = np.linalg.norm(d.numpy() - cut[m]) / np.linalg.norm(d.numpy())
+        assert report["modules"][m]["rel_error"] == pytest.approx(lost, rel=1e-3, abs=1e-6), m
+        assert lost > 1e-3, m                # rank 4 really truncates here (Σr ≥ 7), so the check has teeth
+    # PEFT's own forward pass of the written folders (base from the adapters' base_model_name_or_path)
+    got = peft_logits(merge_model_dir, out)
+    assert rel(got.numpy(), patched_logits(merge_model_dir, cut).numpy()) < 1e-4
+    assert rel(got.numpy(), patched_logits(merge_model_dir, {}).numpy()) > 1e-3   # the update matters
+    for d, a in zip(adapter_dirs, inputs):   # each task: the merged update with its own head
+        task = peft_logits(merge_model_dir, out / "tasks" / d.name)
+        assert rel(task.numpy(), patched_logits(merge_model_dir, cut, head=a.heads).numpy()) < 1e-4, d.name
 
 
 def test_cli_space_and_set(tmp_path, adapter_dirs):
@@ -86,8 +107,20 @@ def test_yaml_dense_output(tmp_path, adapter_dirs, merge_model_dir):
     recipe.write_text(f"method: tsv\nmodel: {merge_model_dir}\nadapters: [{adapter_dirs[0]}, {adapter_dirs[1]}]\n"
                       f"output: {{format: dense}}\n")
     assert orthomerge("--config", recipe, "--out", tmp_path / "d", "--quiet") == 0
-    assert (tmp_path / "d" / "config.json").exists()
-    assert (tmp_path / "d" / "tasks" / adapter_dirs[1].name / "config.json").exists()
+    from transformers import BertForSequenceClassification
+
+    from orthomerge.merge import merge_adapters
+
+    base = BertForSequenceClassification.from_pretrained(merge_model_dir).state_dict()
+    api = merge_adapters(adapter_dirs[:2], "tsv", dense=True, model=merge_model_dir)
+    heads = load_adapter(adapter_dirs[1]).heads
+    for folder, head in ((tmp_path / "d", {}), (tmp_path / "d" / "tasks" / adapter_dirs[1].name, heads)):
+        state = BertForSequenceClassification.from_pretrained(folder).state_dict()
+        assert state.keys() == base.keys() and set(head) <= set(state)
+        for k, w in state.items():     # W₀ + the merged ΔW in the adapted modules, the task's head, else W₀
+            m = k.removesuffix(".weight")
+            want = head[k] if k in head else base[k] + api.delta(m) if m in api.dense[""] else base[k]
+            assert rel(w.numpy(), want.numpy()) < 1e-5, (folder.name, k)
 
 
 # ---------------------------------------------------------------- bad inputs

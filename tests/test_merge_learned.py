@@ -17,9 +17,9 @@ from orthomerge.merge import get_method, merge_adapters, run_recipe
 from orthomerge.merge import load_recipe
 from orthomerge.merge.search import RECIPE_NAME
 from orthomerge.merge.continual import ContinualMerger
-from orthomerge.merge.do_merging import orthogonalise, orthogonality_loss
-from orthomerge.merge.doge import gap_loss, refine, shared_basis
 from orthomerge.merge.data import TaskModels
+from orthomerge.merge.do_merging import orthogonalise
+from orthomerge.merge.doge import refine, shared_basis
 from orthomerge.merge.fisher import diagonal_fisher
 from orthomerge.merge.registry import MergeContext
 from orthomerge.merge.search import fidelities, grid, successive_halving
@@ -124,14 +124,39 @@ def test_do_merging_matches_dense_brute_force(magnitude, direction):
     assert rel(got, ref.numpy()) < 1e-5
 
 
+def orthogonality_loss(rows: list[torch.Tensor], perturbed: list[torch.Tensor], gamma: float) -> float:
+    """Test-side oracle: Σ_{i≠j}‖X̂_i X̂_jᵀ‖²_F + γ Σ_i‖X̂_i − X̃_i‖²_F on blocks normalised by the originals' norms."""
+    total = 0.0
+    norms = [float(x.norm()) or 1.0 for x in rows]
+    xs = [p.to(torch.float64) / n for p, n in zip(perturbed, norms)]
+    for i, xi in enumerate(xs):
+        for j, xj in enumerate(xs):
+            if i != j:
+                total += float(((xi @ xj.T) ** 2).sum())
+        total += gamma * float(((xi - rows[i].to(torch.float64) / norms[i]) ** 2).sum())
+    return total
+
+
 def test_do_merging_orthogonalisation_lowers_cross_products():
     task = random_task(ranks=(4, 4, 4), seed=32)
     rows = [b.T for b, _ in task.factors]
     out = orthogonalise(rows, 1.0, 100, 1.0)
+    assert [tuple(o.shape) for o in out] == [tuple(r.shape) for r in rows]
+    # the cross-Grams shrink (γ = 0: the cross terms alone), and the regularised objective it descends drops
     assert orthogonality_loss(rows, out, 0.0) < 0.5 * orthogonality_loss(rows, rows, 0.0)
+    assert orthogonality_loss(rows, out, 1.0) < orthogonality_loss(rows, rows, 1.0)
+    # with γ large the perturbation is held back: the blocks barely move
+    stiff = orthogonalise(rows, 1e6, 100, 1.0)
+    assert max(rel(s.numpy(), r.double().numpy()) for s, r in zip(stiff, rows)) < 1e-3
 
 
 # ---------------------------------------------------------------- DOGE
+
+
+def gap_loss(taus: list[torch.Tensor], lambdas: list[float], delta: torch.Tensor) -> float:
+    """Test-side oracle: L(δ) = Σ_j Σ_rows ⟨τ_j[r], τ_j[r] − M[r]⟩², M = Σ_i λ_i τ_i + (Σ_i λ_i) δ."""
+    merged = sum(l * t for l, t in zip(lambdas, taus)) + sum(lambdas) * delta
+    return float(sum(((t * (t - merged)).sum(1) ** 2).sum() for t in taus))
 
 
 def test_doge_objective_decreases_and_stays_off_the_shared_subspace():
@@ -143,6 +168,7 @@ def test_doge_objective_decreases_and_stays_off_the_shared_subspace():
     assert basis.shape[1] == 5                     # ⌊ρ = 11 / 2⌋ most shared directions
     history = []
     delta = refine(taus, lambdas, basis, 60, 0.1, history)
+    assert history[0] == pytest.approx(gap_loss(taus, lambdas, torch.zeros_like(taus[0])), rel=1e-9)
     assert history[-1] < 0.5 * history[0]
     assert gap_loss(taus, lambdas, delta) < gap_loss(taus, lambdas, torch.zeros_like(delta))
     assert float((basis.T @ delta).norm()) < 1e-9 * float(delta.norm()) + 1e-12
@@ -248,10 +274,30 @@ def test_fisher_rule_matches_formula():
         assert rel(update(run("fisher", t, scale=0.8, normalize_fisher=normalize)), ref) < 1e-5
 
 
+def fisher_formula(adapters, weights, fishers, normalize: bool, floor: float = 1e-6, scale: float = 1.0):
+    """ΔW = λ Σ c_i F̃_i ⊙ ΔW_i / Σ |c_i| F̃_i, c_i = w_i / (‖F_i‖ + floor) (norm over all modules) or w_i."""
+    norms = [float(sum((f.double() ** 2).sum() for f in fi.values())) ** 0.5 for fi in fishers]
+    c = [w / (n + floor) if normalize else w for w, n in zip(weights, norms)]
+    out = {}
+    for m in adapters[0].modules:
+        f = [fi[m].double() + floor for fi in fishers]
+        num = sum(ci * fi * a.delta(m).double() for ci, fi, a in zip(c, f, adapters))
+        out[m] = scale * num / sum(abs(ci) * fi for ci, fi in zip(c, f))
+    return out, norms
+
+
 def test_fisher_through_the_api(tiny_bert, bert_adapters):
-    data = [split(8, 1), split(8, 2)]
-    got = merge_adapters(bert_adapters, "fisher", data=data, model=tiny_bert, samples=6, batch_size=3)
+    data = [split(8, 1), Split(list(TEXTS[6:14]), split(8, 2).labels)]     # different rows per task
+    got = merge_adapters(bert_adapters, "fisher", data=data, model=tiny_bert, samples=6, batch_size=3,
+                         weights=[1.0, 0.5], dense=True)
     assert got.report["fisher"]["examples"] == {"t0": 6, "t1": 6}
+    adapters = [load_adapter(d) for d in bert_adapters]   # each task's Fisher on its own first 6 rows, by autograd
+    ref, norms = fisher_formula(adapters, [1.0, 0.5],
+                                [brute_fisher(tiny_bert, a, d.take(6), "expected") for a, d in zip(adapters, data)],
+                                normalize=True)
+    for m in adapters[0].modules:
+        assert rel(got.delta(m).numpy(), ref[m].numpy()) < 1e-4, m
+    assert [got.report["fisher"]["norms"][n] for n in ("t0", "t1")] == pytest.approx(norms, rel=1e-4)
     one = merge_adapters(bert_adapters[:1], "fisher", data=data[:1], model=tiny_bert, samples=4)
     a = load_adapter(bert_adapters[0])
     for m in a.modules:
@@ -291,15 +337,42 @@ def test_adamerging_hooks_equal_the_dense_merge(tiny_bert, bert_adapters):
     assert rel(hooked.numpy(), ref.numpy()) < 1e-5
 
 
+def mean_entropy_of(model_dir, deltas, heads, texts) -> float:
+    """Mean prediction entropy of W₀ + ΔW with the given head over ``texts`` (one text at a time)."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = BertForSequenceClassification.from_pretrained(model_dir).eval()
+    state = model.state_dict()
+    total = 0.0
+    with torch.no_grad():
+        for m, d in deltas.items():
+            state[f"{m}.weight"] += d
+        for k, v in heads.items():
+            state[k].copy_(v)
+        for text in texts:
+            p = torch.softmax(model(**tok(text, return_tensors="pt", truncation=True, max_length=64)).logits[0], -1)
+            total += float(-(p * p.log()).sum())
+    return total / len(texts)
+
+
 @pytest.mark.parametrize("granularity", ["layer", "task"])
 def test_adamerging_lowers_the_entropy_it_minimises(tiny_bert, bert_adapters, granularity):
     data = [split(10, 3), split(10, 4)]
     got = merge_adapters(bert_adapters, "adamerging", data=data, model=tiny_bert, steps=25, lr=0.05,
                          granularity=granularity, batch_size=5)
     rep = got.report["adamerging"]
-    assert sum(rep["entropy_final"].values()) < sum(rep["entropy_init"].values())
-    assert rep["loss_curve"][-1] < rep["loss_curve"][0]
     adapters = [load_adapter(d) for d in bert_adapters]
+    modules = adapters[0].modules
+    # the entropy of each task's rows with its own head, recomputed here: at the init λ = 0.3 and at the result
+    init = {m: 0.3 * sum(a.delta(m) for a in adapters) for m in modules}
+    final = {m: got.delta(m) for m in modules}
+    before = [mean_entropy_of(tiny_bert, init, a.heads, d.texts) for a, d in zip(adapters, data)]
+    after = [mean_entropy_of(tiny_bert, final, a.heads, d.texts) for a, d in zip(adapters, data)]
+    assert sum(after) < sum(before) - 1e-3
+    assert [rep["entropy_init"][n] for n in ("t0", "t1")] == pytest.approx(before, rel=1e-4)
+    assert [rep["entropy_final"][n] for n in ("t0", "t1")] == pytest.approx(after, rel=1e-4)
+    assert len(rep["loss_curve"]) == 25 and rep["loss_curve"][-1] < rep["loss_curve"][0]
     m = adapters[0].modules[0]
     coef = rep["coefficients"][m] if granularity == "layer" else rep["coefficients"]
     ref = sum(coef[n] * a.delta(m) for n, a in zip(["t0", "t1"], adapters))
@@ -342,9 +415,13 @@ def test_search_end_to_end_writes_a_loadable_recipe(tiny_bert, bert_adapters, tm
                             lambdas="0.5,1.0", min_samples=4)
     rep = result.report["search"]
     assert rep["fidelities"] == [4, 12] and len(rep["trials"]) > 4
+    assert sum(t["rung"] == 0 for t in rep["trials"]) == 4          # 2 methods × 2 λ, all scored first
+    assert rep["best"]["score"] == max(t["score"] for t in rep["trials"] if t["rung"] == 1)
     out = result.save(tmp_path / "searched")
     recipe = load_recipe(out / RECIPE_NAME)
-    assert recipe["method"] == rep["best"]["method"]
+    assert recipe["method"] == rep["best"]["method"] and recipe["params"]["scale"] == rep["best"]["lambda"]
+    assert [str(p) for p in recipe["adapters"]] == [str(d.resolve()) for d in bert_adapters]
+    assert recipe["model"] == tiny_bert
     again = run_recipe(out / RECIPE_NAME, out=tmp_path / "again")
     for m in again.merged.modules:
         assert rel(again.delta(m).numpy(), result.delta(m).numpy()) < 1e-5
@@ -372,15 +449,29 @@ def test_cli_lists_and_runs_the_new_methods(merge_cli, capsys, bert_adapters, ti
                      "--out", tmp_path / "ada", "--quiet") == 0
     report = json.loads((tmp_path / "ada" / "merge_report.json").read_text())
     assert report["adamerging"]["examples"] == {"t0": 6, "t1": 6}
+    api = merge_adapters(bert_adapters, "adamerging", data=["sentiment", "sms_spam"], model=tiny_bert, steps=2,
+                         samples=6, granularity="task")
+    assert report["adamerging"]["coefficients"] == pytest.approx(api.report["adamerging"]["coefficients"])
+    written, adapters = load_adapter(tmp_path / "ada"), [load_adapter(d) for d in bert_adapters]
+    lam = report["adamerging"]["coefficients"]
+    assert all(abs(v - 0.3) > 1e-3 for v in lam.values())             # two Adam steps moved λ off its init
+    for m in adapters[0].modules:      # the written adapter is Σ_i λ_i ΔW_i with the reported λ
+        ref = sum(lam[n] * a.delta(m) for n, a in zip(("t0", "t1"), adapters))
+        assert rel(written.delta(m).numpy(), ref.numpy()) < 1e-5, m
+        assert rel(written.delta(m).numpy(), api.delta(m).numpy()) < 1e-5, m
     assert merge_cli("--method", "continual", "--adapters", *bert_adapters, "--set", "order=sideways",
                      "--out", tmp_path / "y", "--quiet") == 2
-    assert "choose shuffle or given" in capsys.readouterr().err
+    assert "order='sideways': Input should be 'shuffle' or 'given'" in capsys.readouterr().err
 
 
 def test_yaml_recipe_with_data(bert_adapters, tiny_bert, tmp_path):
+    from orthomerge.tasks import load_tasks
+
     (tmp_path / "t.csv").write_text("text,label\n" + "\n".join(f"{t},{i % 2}" for i, t in enumerate(TEXTS)) + "\n")
+    (tmp_path / "u.csv").write_text("text,label\n" + "\n".join(f"{t},{(i // 3) % 2}" for i, t in enumerate(TEXTS))
+                                    + "\n")
     (tmp_path / "tasks.yaml").write_text("- {name: one, train: t.csv, validation: t.csv, labels: ['0', '1']}\n"
-                                         "- {name: two, train: t.csv, validation: t.csv, labels: ['0', '1']}\n")
+                                         "- {name: two, train: u.csv, validation: u.csv, labels: ['0', '1']}\n")
     (tmp_path / "r.yaml").write_text(f"""
 method: fisher
 base_model: {tiny_bert}
@@ -392,6 +483,18 @@ output: {{path: out}}
 """)
     result = run_recipe(tmp_path / "r.yaml")
     assert result.report["fisher"]["labels"] == "gold" and (tmp_path / "out" / "merge_report.json").exists()
+    # oracle: each adapter's gold Fisher on the first 4 train rows of its own task, by autograd; the
+    # unnormalised Fisher formula; the written output is its best rank-Σr approximation
+    tasks = {t.name: t for t in load_tasks([str(tmp_path / "tasks.yaml")])}
+    adapters = [load_adapter(d) for d in bert_adapters]
+    fishers = [brute_fisher(tiny_bert, a, tasks[n].train.take(4), "gold") for a, n in zip(adapters, ("one", "two"))]
+    ref, norms = fisher_formula(adapters, [1.0, 1.0], fishers, normalize=False)
+    assert [result.report["fisher"]["norms"][n] for n in result.names] == pytest.approx(norms, rel=1e-4)
+    written = load_adapter(tmp_path / "out")
+    for m in adapters[0].modules:
+        u, s, vh = np.linalg.svd(ref[m].numpy())
+        k = sum(a.rank(m) for a in adapters)
+        assert rel(written.delta(m).numpy(), (u[:, :k] * s[:k]) @ vh[:k]) < 1e-4, m
     bad = tmp_path / "bad.yaml"
     bad.write_text((tmp_path / "r.yaml").read_text().replace('data: "tasks.yaml#two"', 'data: "tasks.yaml"')
                    .replace("path: out", "path: out_bad"))
@@ -417,7 +520,19 @@ def test_experiment_reports_the_new_methods(tiny_bert, tmp_path):
                               methods=["task_arithmetic", *new], lambdas=[0.5, 1.0], train_size=16, val_size=8,
                               test_size=8, stats_samples=8, train=TrainConfig(rank=2, epochs=1, lr=0.02))
     results = Experiment(config, tmp_path / "run", progress=False).run()
-    merges = {m["method"]: m for m in results["runs"][0]["merges"]}
+    run = results["runs"][0]
+    merges = {m["method"]: m for m in run["merges"]}
     assert set(new) <= set(merges)
+    # λ is learned (adamerging) or chosen (search) inside the method: no sweep; the others sweep [0.5, 1]
     assert merges["adamerging"]["val_curve"].keys() == {1.0} and merges["search"]["val_curve"].keys() == {1.0}
-    assert all(np.isfinite(merges[m]["test_normalised_mean"]) for m in new)
+    for m in ("continual", "do_merging", "doge", "fisher"):
+        assert merges[m]["val_curve"].keys() == {0.5, 1.0}, m
+    for m in new:      # the reported numbers are what they say: best λ on validation, test / own adapter's test
+        r = merges[m]
+        assert r["lambda"] == max(r["val_curve"], key=lambda lam: (r["val_curve"][lam], -abs(lam - 1.0))), m
+        single = run["single"]["test"]
+        norm = {n: r["test"][n] / single[n] for n in r["test"] if single[n]}
+        assert r["test_normalised"].keys() == r["test"].keys() and norm
+        assert {n: r["test_normalised"][n] for n in norm} == pytest.approx(norm), m
+        assert r["test_normalised_mean"] == pytest.approx(np.mean(list(norm.values()))), m
+        assert r["test_mean"] == pytest.approx(np.mean(list(r["test"].values()))), m

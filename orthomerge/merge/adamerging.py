@@ -28,7 +28,7 @@ from ..errors import OrthomergeError
 from ..encoding import batches, encode, pad
 from .data import TaskModels, data_split, lowrank_hooks
 from .linear import stack_factors
-from .registry import LowRank, MergeContext, ModuleUpdates, Prepared, register
+from .registry import LowRank, MergeContext, ModuleUpdates, Prepared, module_seed, register
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -87,12 +87,13 @@ def _prepare(ctx: MergeContext) -> Prepared:
     sizes = int(p["max_length"]), int(p["batch_size"])
     before = mean_entropy(models, merged, splits, tok, *sizes)
     optimiser = torch.optim.Adam([lam], lr=float(p["lr"]))
-    generator = torch.Generator().manual_seed(ctx.seed)
+    # one generator per task, seeded by the adapter's identity: its batches do not depend on its position
+    generators = [torch.Generator().manual_seed(module_seed(ctx.seed, key, "adamerging")) for key in ctx.keys]
     curve = []
     for _ in range(int(p["steps"])):
         loss, grad = 0.0, torch.zeros_like(lam)
         for i, enc in enumerate(encoded):   # one task at a time: tasks may share a model copy (heads swapped in)
-            idx = torch.randperm(len(enc), generator=generator)[:int(p["batch_size"])].tolist()
+            idx = torch.randperm(len(enc), generator=generators[i])[:int(p["batch_size"])].tolist()
             batch = pad(tok, enc, idx)
             model = models.get(i)
             with merged.hooks(model), torch.enable_grad():

@@ -11,12 +11,13 @@ def encode(tokenizer, split, max_length: int) -> list[dict]:
     return [{k: enc[k][i] for k in enc} for i in range(len(split))]
 
 
-def pad(tokenizer, encodings: list[dict], indices) -> dict:
-    """The rows ``indices`` of ``encodings`` padded to their longest, as tensors."""
-    return tokenizer.pad([encodings[i] for i in indices], return_tensors="pt")
+def pad(tokenizer, encodings: list[dict], indices, device=None) -> dict:
+    """The rows ``indices`` of ``encodings`` padded to their longest, as tensors (on ``device``, if given)."""
+    batch = tokenizer.pad([encodings[i] for i in indices], return_tensors="pt")
+    return batch.to(device) if device is not None else batch
 
 
-def batches(tokenizer, split, max_length: int, batch_size: int, by_length: bool = False):
+def batches(tokenizer, split, max_length: int, batch_size: int, by_length: bool = False, device=None):
     """``(row indices, padded batch)`` over a split: in order, or (``by_length``) shortest rows first so
     that a batch carries little padding."""
     encodings = encode(tokenizer, split, max_length)
@@ -24,4 +25,4 @@ def batches(tokenizer, split, max_length: int, batch_size: int, by_length: bool 
              else list(range(len(encodings))))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        yield idx, pad(tokenizer, encodings, idx)
+        yield idx, pad(tokenizer, encodings, idx, device)

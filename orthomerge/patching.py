@@ -16,7 +16,7 @@ def patched(model, deltas: dict[str, torch.Tensor]):
             for name, delta in deltas.items():
                 weight = model.get_submodule(name).weight
                 saved[name] = weight.detach().clone()
-                weight.add_(delta.to(weight.dtype))
+                weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
             yield model
         finally:
             for name, w0 in saved.items():

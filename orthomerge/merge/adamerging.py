@@ -46,6 +46,7 @@ class _Merged:
             parts = [a.scaled_factors(m, w) for a, w in zip(ctx.adapters, ctx.weights)]
             self.factors[m] = (torch.cat([b for b, _ in parts], 1), torch.cat([a for _, a in parts], 0))
             owner = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor([a.shape[0] for _, a in parts]))
+            owner = owner.to(lam.device)
             self.index[m] = (k if layerwise else 0, owner)
         self.lam = lam
 
@@ -66,8 +67,8 @@ def mean_entropy(models: TaskModels, merged: _Merged, splits: list, tokenizer, m
             model = models.get(i)
             total = 0.0
             with merged.hooks(model):
-                for _, batch in batches(tokenizer, split, max_length, batch_size):
-                    total += float(entropy(model(**batch).logits).sum())
+                for _, batch in batches(tokenizer, split, max_length, batch_size, device=model.device):
+                    total += float(entropy(model(**batch).logits.float()).sum())
             out.append(total / len(split))
     return out
 
@@ -81,7 +82,8 @@ def _prepare(ctx: MergeContext) -> Prepared:
             raise OrthomergeError(f"adamerging: task {name!r} has a regression head; entropy needs class probabilities")
     splits = [data_split(item, p["split"], int(p["samples"]), "adamerging") for item in ctx.data]
     layerwise = p["granularity"] == "layer"
-    lam = torch.full((len(ctx.modules) if layerwise else 1, len(ctx.adapters)), float(p["init"]), requires_grad=True)
+    lam = torch.full((len(ctx.modules) if layerwise else 1, len(ctx.adapters)), float(p["init"]), requires_grad=True,
+                     device=ctx.model.device)
     merged = _Merged(ctx, lam, layerwise)
     encoded = [encode(tok, s, int(p["max_length"])) for s in splits]
     sizes = int(p["max_length"]), int(p["batch_size"])
@@ -94,10 +96,10 @@ def _prepare(ctx: MergeContext) -> Prepared:
         loss, grad = 0.0, torch.zeros_like(lam)
         for i, enc in enumerate(encoded):   # one task at a time: tasks may share a model copy (heads swapped in)
             idx = torch.randperm(len(enc), generator=generators[i])[:int(p["batch_size"])].tolist()
-            batch = pad(tok, enc, idx)
             model = models.get(i)
+            batch = pad(tok, enc, idx, model.device)
             with merged.hooks(model), torch.enable_grad():
-                task_loss = entropy(model(**batch).logits).mean()
+                task_loss = entropy(model(**batch).logits.float()).mean()
                 grad += torch.autograd.grad(task_loss, [lam])[0]
             loss += float(task_loss.detach())
         optimiser.zero_grad()

@@ -62,10 +62,10 @@ def lowrank_hooks(model, factors: dict, coefficients=None, capture: dict | None 
     def make(name, b, a):
         def hook(module, inputs, out):
             x = inputs[0]
-            h = x @ a.T
+            h = x.to(torch.float32) @ a.T   # the update in float32 whatever the model's dtype
             if coefficients is not None:
                 h = h * coefficients(name)
-            out = out + h @ b.T
+            out = out + (h @ b.T).to(out.dtype)
             if capture is not None:
                 if not out.requires_grad:   # frozen base: still differentiate w.r.t. this output
                     out.requires_grad_()
@@ -76,7 +76,8 @@ def lowrank_hooks(model, factors: dict, coefficients=None, capture: dict | None 
     try:
         for name, (b, a) in factors.items():
             module = model.get_submodule(name)
-            handles.append(module.register_forward_hook(make(name, b.to(torch.float32), a.to(torch.float32))))
+            like = dict(device=module.weight.device, dtype=torch.float32)
+            handles.append(module.register_forward_hook(make(name, b.to(**like), a.to(**like))))
         yield
     finally:
         for h in handles:

@@ -46,19 +46,19 @@ def _targets(logits: torch.Tensor, labels, mode: str, generator: torch.Generator
     if logits.shape[-1] == 1:                      # regression, unit-variance Gaussian
         pred = logits[:, 0]
         if mode == "gold":
-            return [(((torch.tensor(labels, dtype=pred.dtype) - pred).detach() * pred).sum(), None)]
+            return [(((torch.tensor(labels, dtype=pred.dtype, device=pred.device) - pred).detach() * pred).sum(), None)]
         if mode == "sample":
-            return [((torch.randn(pred.shape, generator=generator) * pred).sum(), None)]
+            return [((torch.randn(pred.shape, generator=generator).to(pred.device) * pred).sum(), None)]
         return [(pred.sum(), None)]
     logp = torch.log_softmax(logits, -1)
     if mode == "expected":
         probs = logp.exp().detach()
         return [(logp[:, c].sum(), probs[:, c]) for c in range(logp.shape[-1])]
     if mode == "gold":
-        y = torch.tensor(labels, dtype=torch.long)
+        y = torch.tensor(labels, dtype=torch.long, device=logits.device)
     else:
-        y = torch.multinomial(logp.exp().detach(), 1, generator=generator)[:, 0]
-    return [(logp[torch.arange(len(y)), y].sum(), None)]
+        y = torch.multinomial(logp.exp().detach().cpu(), 1, generator=generator)[:, 0].to(logits.device)
+    return [(logp[torch.arange(len(y), device=y.device), y].sum(), None)]
 
 
 def diagonal_fisher(model, tokenizer, split, factors: dict, labels: str = "expected", max_length: int = 64,
@@ -67,13 +67,14 @@ def diagonal_fisher(model, tokenizer, split, factors: dict, labels: str = "expec
     if labels == "gold" and any(y is None for y in split.labels):
         raise OrthomergeError("fisher labels='gold' needs labelled rows (or use labels='expected')")
     modules = list(factors)
-    fisher = {m: torch.zeros(model.get_submodule(m).weight.shape, dtype=torch.float32) for m in modules}
+    device = next(model.parameters()).device
+    fisher = {m: torch.zeros(model.get_submodule(m).weight.shape, dtype=torch.float32, device=device) for m in modules}
     generator = torch.Generator().manual_seed(seed)
     capture: dict = {}
     with lowrank_hooks(model, factors, capture=capture), torch.enable_grad():
-        for idx, batch in batches(tokenizer, split, max_length, batch_size):
+        for idx, batch in batches(tokenizer, split, max_length, batch_size, device=device):
             capture.clear()
-            logits = model(**batch).logits
+            logits = model(**batch).logits.float()
             xs = [capture[m][0] for m in modules]
             outs = [capture[m][1] for m in modules]
             terms = _targets(logits, [split.labels[i] for i in idx], labels, generator)
@@ -83,7 +84,8 @@ def diagonal_fisher(model, tokenizer, split, factors: dict, labels: str = "expec
                     if g is None:
                         continue
                     b = x.shape[0]
-                    per = torch.einsum("blo,bli->boi", g.reshape(b, -1, g.shape[-1]), x.reshape(b, -1, x.shape[-1]))
+                    per = torch.einsum("blo,bli->boi", g.reshape(b, -1, g.shape[-1]).float(),
+                                       x.reshape(b, -1, x.shape[-1]).float())
                     sq = per.square_()
                     if weight is not None:
                         sq.mul_(weight.view(-1, 1, 1))

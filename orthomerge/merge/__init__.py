@@ -11,8 +11,8 @@ Importing this package registers every method (``linear``, ``elementwise``, ``sp
 ``emr``, ``subspace``, ``continual``, ``do_merging``, ``doge``; data-driven ``fisher``, ``adamerging``,
 ``search``).
 """
-from . import (adamerging, continual, do_merging, doge, elementwise, emr, fisher, linear, regmean,  # noqa: F401
-               search, spectral, subspace)  # (registration)
+from . import (adamerging, continual, do_merging, doge, elementwise, emr, fisher, layerwise, linear,  # noqa: F401
+               regmean, search, spectral, subspace)  # (registration)
 from .engine import merge_adapters
 from .recipe import load_recipe, run_recipe
 from .registry import METHODS, get_method, list_methods, register

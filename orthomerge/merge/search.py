@@ -15,6 +15,11 @@ winner (what the registry rule returns per module), the trials in ``merge_report
 recipe, written as ``OUT/recipe.yaml`` (a file of its ``prepare`` result) — loadable by
 ``orthomerge merge --config OUT/recipe.yaml --out OTHER``. A bare rule call without a search result is
 task arithmetic at λ = 1 (the first default candidate).
+
+``strategy="layerwise"`` searches the same candidates per block of ``block`` layers instead, with a
+bandit over per-block choices (:mod:`orthomerge.merge.layerwise`); its recipe uses the ``layerwise`` method.
+Both strategies count the rows they score (``rows_evaluated``: task-example evaluations, the unit of a
+fair comparison at equal budget).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import yaml
 from ..errors import OrthomergeError
 from ..patching import patched
 from .data import TaskModels, data_split
+from .layerwise import layerwise_search
 from .linear import task_arithmetic
 from .registry import Dense, MergeContext, ModuleUpdates, Prepared, get_method, register
 
@@ -74,7 +80,7 @@ def grid(methods: str | list[str], lambdas, densities) -> list[tuple[str, dict, 
     out = []
     for name in filter(None, names):
         spec = get_method(name)
-        if spec.per_task or name == "search":
+        if spec.per_task or spec.family == "search":
             raise OrthomergeError(f"search: {name!r} cannot be searched (one update per task, or search itself)")
         lams = _floats(lambdas) if "scale" in spec.defaults else [None]
         dens = _floats(densities) if "density" in spec.defaults else [None]
@@ -136,7 +142,8 @@ class ValidationScorer:
         self.sizes = max_length, batch_size
         self.own = [{m: a.delta(m).to(torch.float32) for m in ctx.modules} for a in ctx.adapters]
         self.expert: dict = {}
-        self.calls = 0
+        self.calls = 0   # task evaluations
+        self.rows = 0    # task-example evaluations (the search budget's unit)
 
     def task_score(self, i: int, deltas: dict, n: int) -> float:
         from ..evaluate import predict
@@ -146,6 +153,7 @@ class ValidationScorer:
         with patched(self.models.get(i), deltas) as model:
             preds = predict(model, self.tokenizer, split, *self.sizes)
         self.calls += 1
+        self.rows += len(split)
         return compute_metric(self.metrics[i], preds, split.labels)
 
     def __call__(self, deltas: dict, n: int) -> float:
@@ -160,9 +168,8 @@ class ValidationScorer:
         return float(np.nanmean(scores))
 
 
-def recipe(ctx: MergeContext, best: tuple) -> dict:
+def recipe(ctx: MergeContext, method: str, parameters: dict) -> dict:
     """The winner as a ``orthomerge merge --config`` recipe (adapters by path; data specs when it needs data)."""
-    method, params, lam = best
     spec = get_method(method)
     entries = []
     for a, w, item in zip(ctx.adapters, ctx.weights, ctx.data or [None] * len(ctx.adapters)):
@@ -170,9 +177,6 @@ def recipe(ctx: MergeContext, best: tuple) -> dict:
         if spec.needs_data:
             entry["data"] = getattr(item, "name", None)
         entries.append(entry)
-    parameters = dict(params)
-    if lam is not None:
-        parameters["scale"] = lam
     doc = {"method": method, "adapters": entries, "parameters": parameters, "seed": ctx.seed,
            "output": {"format": "peft"}}
     base = getattr(getattr(ctx.model, "config", None), "name_or_path", None)
@@ -193,28 +197,40 @@ def _prepare(ctx: MergeContext) -> Prepared:
         return ctx.merge_dense(method, {**params, **extra})
 
     rungs = fidelities(int(p["min_samples"]), max(len(s) for s in splits), float(p["eta"]))
-    outcome = successive_halving(groups, merge, scorer, rungs, float(p["eta"]))
-    extras = {m: {"update": Dense(outcome.deltas[m])} for m in ctx.modules}
-    method, params, lam = outcome.best
-    doc = recipe(ctx, outcome.best)
-    return Prepared(extras, {"search": {"best": {"method": method, "params": params, "lambda": lam,
-                                                 "score": outcome.score},
-                                        "objective": p["objective"], "split": p["split"], "fidelities": rungs,
-                                        "evaluations": scorer.calls, "trials": [t.as_dict() for t in outcome.trials],
-                                        "recipe": RECIPE_NAME},
-                             "summary": f"search: best {method} {params} λ={lam} (score {outcome.score:.4g}); "
-                                        f"recipe: {RECIPE_NAME}"},
+    if p["strategy"] == "layerwise":
+        candidates = [(method, params, lam) for method, params, lams in groups for lam in lams]
+        found = layerwise_search(ctx, candidates, scorer, rungs, eta=float(p["eta"]), block=int(p["block"]),
+                                 episodes=int(p["episodes"]), explore=float(p["explore"]), seed=ctx.seed)
+        deltas, score, trials = found.deltas, found.score, [e.as_dict() for e in found.episodes]
+        best = {"plan": found.plan, "score": score}
+        doc = recipe(ctx, "layerwise", {"plan": found.plan})
+        summary = f"search (layerwise): {len(found.plan)} layer choices (score {score:.4g})"
+    else:
+        outcome = successive_halving(groups, merge, scorer, rungs, float(p["eta"]))
+        deltas, score, trials = outcome.deltas, outcome.score, [t.as_dict() for t in outcome.trials]
+        method, params, lam = outcome.best
+        best = {"method": method, "params": params, "lambda": lam, "score": score}
+        doc = recipe(ctx, method, {**params, **({"scale": lam} if lam is not None else {})})
+        summary = f"search: best {method} {params} λ={lam} (score {score:.4g})"
+    extras = {m: {"update": Dense(deltas[m])} for m in ctx.modules}
+    return Prepared(extras, {"search": {"strategy": p["strategy"], "best": best, "objective": p["objective"],
+                                        "split": p["split"], "fidelities": rungs, "evaluations": scorer.calls,
+                                        "rows_evaluated": scorer.rows, "trials": trials, "recipe": RECIPE_NAME},
+                             "summary": f"{summary}; recipe: {RECIPE_NAME}"},
                     files={RECIPE_NAME: yaml.safe_dump(doc, sort_keys=False)})
 
 
 @register("search", space="dense", family="search", needs_data=True, prepare=_prepare,
-          summary="search: method × hyper-parameters × λ by successive halving on validation rows; "
-                  "writes OUT/recipe.yaml (needs the base model and task data)")
+          summary="search: method × hyper-parameters × λ for the whole model by successive halving, or per layer "
+                  "(strategy=layerwise: a bandit per layer block on growing subsets) on validation rows; writes "
+                  "OUT/recipe.yaml (needs the base model and task data)")
 def search(updates: ModuleUpdates, methods: Union[str, list[str]] = DEFAULT_METHODS,
            lambdas: Union[str, float, list[float]] = "0.25,0.5,0.75,1.0,1.25",
            densities: Union[str, float, list[float]] = "0.1,0.2,0.4", min_samples: int = 16, eta: float = 3,
            samples: int = 0, split: Literal["validation", "train"] = "validation",
-           objective: Literal["normalised", "raw"] = "normalised", max_length: int = 64, batch_size: int = 64):
+           objective: Literal["normalised", "raw"] = "normalised", max_length: int = 64, batch_size: int = 64,
+           strategy: Literal["halving", "layerwise"] = "halving", block: int = 1, episodes: int = 16,
+           explore: float = 1.0):
     """The winner's update for this module (task arithmetic at λ = 1 without a search result)."""
     if updates.extras and "update" in updates.extras:
         return updates.extras["update"]

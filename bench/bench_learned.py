@@ -78,7 +78,7 @@ def measure(args) -> tuple[list[dict], dict]:
         params = {"scale": 1.0} if "scale" in spec.defaults else {}
         times = []
         for _ in range(args.repeat if method in ("task_arithmetic", "ties", "continual", "do_merging") else 1):
-            model = evaluator.load(names[0], {}, {})          # W₀ (scoring patches the weights)
+            model = evaluator.models[names[0]]                # W₀: scoring patches ΔW in only while it scores
             start = time.perf_counter()
             result = merge_adapters(adapters, method, dense=True, model=model, threads=1,
                                     data=tasks if spec.needs_data else None, **params)

@@ -339,31 +339,6 @@ def save_adapter(adapter: LoraAdapter, out: str | Path, overwrite: bool = False)
 # ---------------------------------------------------------------- PEFT models
 
 
-def lora_config(adapter: LoraAdapter):
-    """A ``peft.LoraConfig`` equivalent to what :func:`save_adapter` writes."""
-    from peft import LoraConfig
-
-    cfg = peft_config_dict(adapter)
-    cfg.pop("peft_type")
-    cfg["inference_mode"] = False
-    return LoraConfig(**cfg)
-
-
-def to_peft_model(model: nn.Module, adapter: LoraAdapter):
-    """Wrap ``model`` with PEFT and load the adapter into it (PEFT computes the forward)."""
-    from peft import get_peft_model, set_peft_model_state_dict
-
-    peft_model = get_peft_model(model, lora_config(adapter))
-    state = {f"{PREFIX}{m}.lora_A.weight": adapter.A[m] for m in adapter.modules}
-    state.update({f"{PREFIX}{m}.lora_B.weight": adapter.B[m] for m in adapter.modules})
-    state.update({f"{PREFIX}{k}": v for k, v in adapter.heads.items()})
-    result = set_peft_model_state_dict(peft_model, state)
-    unexpected = [k for k in result.unexpected_keys if "lora_" in k or k.startswith(PREFIX)]
-    if unexpected:
-        raise OrthomergeError(f"{adapter.name}: keys not used by the model: {unexpected[:3]}")
-    return peft_model.eval()
-
-
 def from_peft_model(peft_model, metadata: dict | None = None) -> LoraAdapter:
     """Snapshot a (trained) ``PeftModel``'s active adapter as a :class:`LoraAdapter`."""
     from peft import get_peft_model_state_dict
@@ -390,15 +365,21 @@ def from_peft_model(peft_model, metadata: dict | None = None) -> LoraAdapter:
     return LoraAdapter(A=A, B=B, scaling=scaling, heads=heads, config=config, metadata=dict(metadata or {}))
 
 
-def merged_state_dict(model: nn.Module, adapter: LoraAdapter, head: bool = True) -> dict[str, torch.Tensor]:
-    """Base weights plus every ΔW (and the adapter's head): a dense model, for ``--dense`` output."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    for m in adapter.modules:
-        key = f"{m}.weight"
-        state[key] = (state[key].to(torch.float32) + adapter.delta(m)).to(state[key].dtype)
-    if head:
-        state.update({k: v.clone() for k, v in adapter.heads.items()})
-    return state
+def lora_layers(peft_model) -> dict:
+    """Base-model module name → PEFT LoRA layer of the active adapter."""
+    name = peft_model.active_adapter
+    return {n[len(PREFIX):]: m for n, m in peft_model.named_modules()
+            if hasattr(m, "lora_A") and name in getattr(m, "lora_A", {})}
+
+
+def set_lora_A(peft_model, bases: dict) -> None:
+    """Set every LoRA layer's ``A`` to ``bases[module]`` (an array or tensor [r, n]) and its ``B`` to 0."""
+    name = peft_model.active_adapter
+    with torch.no_grad():
+        for module, layer in lora_layers(peft_model).items():
+            w = layer.lora_A[name].weight
+            w.copy_(torch.as_tensor(bases[module]).to(w.dtype))
+            layer.lora_B[name].weight.zero_()
 
 
 def new_peft_model(model: nn.Module, targets: list[str], rank: int = 8, alpha: float = 16.0,

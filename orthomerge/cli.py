@@ -12,7 +12,7 @@ import sys
 
 from .errors import OrthomergeError
 
-COMMAND_MODULES = ["stats", "osrm", "merge", "train", "experiment", "safety"]
+COMMAND_MODULES = ["stats", "osrm", "merge", "train", "eval", "experiment", "safety"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,36 +1,38 @@
 """Evaluation of single, merged and per-task adapters, and the interference diagnostics.
 
 :class:`TaskEvaluator` keeps one base model per task (each task has its own head size), patches
-``W₀ + ΔW`` into the target modules and the task's head, and scores a split. Patching the dense weights
-is exactly the merged model a user would deploy, and it makes λ sweeps cheap (no re-wrapping).
+``W₀ + ΔW`` into the target modules (only while scoring) and the task's head, and scores a split. Patching
+the dense weights is exactly the merged model a user would deploy, and it makes λ sweeps cheap (no re-wrapping).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import patching
 from .adapters import WEIGHTS_NAME, LoraAdapter, validate_adapter
+from .config import MAX_LENGTH
+from .encoding import batches
 from .errors import OrthomergeError
-from .models import head_module_names, load_model, load_tokenizer, same_model
+from .models import load_model, load_tokenizer, same_model
 from .stats import ActivationStats
 from .tasks import Split, Task, compute_metric
 
 log = logging.getLogger("orthomerge")
+EVAL_BATCH_SIZE = 64   # rows per inference batch
 
 
-def predict(model: nn.Module, tokenizer, split: Split, max_length: int = 64, batch_size: int = 64) -> list:
+def predict(model: nn.Module, tokenizer, split: Split, max_length: int = MAX_LENGTH,
+            batch_size: int = EVAL_BATCH_SIZE) -> list:
     """Class ids (or floats for regression) for every row, batched by length to limit padding."""
-    enc = tokenizer(split.texts, split.pairs, truncation=True, max_length=max_length)
-    order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
     out = [None] * len(split)
     model.eval()
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = tokenizer.pad([{k: enc[k][i] for k in enc} for i in idx], return_tensors="pt")
+        for idx, batch in batches(tokenizer, split, max_length, batch_size, by_length=True):
             logits = model(**batch).logits
             preds = logits[:, 0].tolist() if logits.shape[-1] == 1 else logits.argmax(-1).tolist()
             for i, p in zip(idx, preds):
@@ -39,19 +41,20 @@ def predict(model: nn.Module, tokenizer, split: Split, max_length: int = 64, bat
 
 
 class TaskEvaluator:
-    """Scores ``W₀ + ΔW`` (+ a task's head) on a task's split, for any ΔW: single, merged, per-task."""
+    """Scores ``W₀ + ΔW`` (+ a task's head) on a task's split, for any ΔW: single, merged, per-task.
 
-    def __init__(self, model_spec: str, tasks: list[Task], max_length: int = 64, batch_size: int = 64):
+    Each task's model keeps W₀ between calls: ΔW is added only while a split is scored
+    (:func:`orthomerge.patching.patched`), so the merge methods may be handed the same model. The heads
+    last installed stay (every score installs its own)."""
+
+    def __init__(self, model_spec: str, tasks: list[Task], max_length: int = MAX_LENGTH,
+                 batch_size: int = EVAL_BATCH_SIZE):
         self.spec = model_spec
         self.tasks = {t.name: t for t in tasks}
         self.tokenizer = load_tokenizer(model_spec)
         self.models = {t.name: load_model(model_spec, num_labels=t.num_labels, regression=t.is_regression)
                        for t in tasks}
         self.max_length, self.batch_size = max_length, batch_size
-        first = next(iter(self.models.values()))
-        heads = tuple(head_module_names(first))
-        self.base = {name: module.weight.detach().clone() for name, module in first.named_modules()
-                     if isinstance(module, nn.Linear) and not name.startswith(heads)}
 
     def validate(self, adapter: LoraAdapter, task: str) -> None:
         """Refuse (one line) an adapter that does not fit ``task``'s model: a missing or mismatched module,
@@ -59,8 +62,8 @@ class TaskEvaluator:
         model name that differs from the one evaluated on is a warning."""
         where = adapter.path / WEIGHTS_NAME if adapter.path else adapter.name
         if adapter.has_biases:
-            raise OrthomergeError(f"{where}: has biases (lora_bias or bias='lora_only'|'all'), which orthomerge "
-                                  "eval does not apply yet; evaluate it with PEFT (PeftModel.from_pretrained)")
+            raise OrthomergeError(f"{where}: has biases (lora_bias or bias='lora_only'|'all'), which this "
+                                  "evaluator does not apply yet; evaluate it with PEFT (PeftModel.from_pretrained)")
         if not adapter.heads:
             raise OrthomergeError(f"{where}: no task head (modules_to_save) for task {task!r}; evaluate the "
                                   "adapter trained with its head, or a merge output's tasks/<name>")
@@ -69,17 +72,11 @@ class TaskEvaluator:
         if named and not same_model(named, self.spec):
             log.warning("%s: adapter was trained on %s, evaluated on %s", where, named, self.spec)
 
-    def load(self, task: str, deltas: dict[str, torch.Tensor], heads: dict[str, torch.Tensor]) -> nn.Module:
-        """The task's model with ``W₀ + ΔW`` in every module of ``deltas`` (others reset to W₀)."""
+    def with_heads(self, task: str, heads: dict[str, torch.Tensor]) -> nn.Module:
+        """The task's model (base weights W₀) with ``heads`` copied into its head."""
         model = self.models[task]
-        modules = dict(model.named_modules())
+        state = model.state_dict()
         with torch.no_grad():
-            for name, module in modules.items():
-                if name in self.base and name in deltas:
-                    module.weight.copy_(self.base[name] + deltas[name].to(module.weight.dtype))
-                elif name in self.base and not torch.equal(module.weight, self.base[name]):
-                    module.weight.copy_(self.base[name])
-            state = model.state_dict()
             for key, value in heads.items():
                 if key not in state or state[key].shape != value.shape:
                     raise OrthomergeError(f"head {key!r} does not fit task {task!r} "
@@ -87,29 +84,24 @@ class TaskEvaluator:
                 state[key].copy_(value)
         return model
 
+    @contextlib.contextmanager
+    def patched(self, task: str, deltas: dict[str, torch.Tensor], heads: dict[str, torch.Tensor]):
+        """The task's model with ``heads`` and ``W₀ + ΔW`` in every module of ``deltas``, for the duration."""
+        with patching.patched(self.with_heads(task, heads), deltas) as model:
+            yield model
+
     def score(self, task: str, deltas: dict[str, torch.Tensor], heads: dict[str, torch.Tensor],
               split: str = "test") -> float:
         t = self.tasks[task]
         data: Split = getattr(t, split)
-        model = self.load(task, deltas, heads)
-        return compute_metric(t.metric, predict(model, self.tokenizer, data, self.max_length, self.batch_size),
-                              data.labels)
+        with self.patched(task, deltas, heads) as model:
+            predictions = predict(model, self.tokenizer, data, self.max_length, self.batch_size)
+        return compute_metric(t.metric, predictions, data.labels)
 
 
 def adapter_deltas(adapter: LoraAdapter, scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Dense ``scale · s·B@A`` per module."""
     return {m: adapter.delta(m) * scale for m in adapter.modules}
-
-
-def evaluate_adapter(model_spec: str, adapter: LoraAdapter, tasks: list[Task], split: str = "test",
-                     max_length: int = 64, heads: dict[str, dict] | None = None) -> dict[str, float]:
-    """Metric of one adapter (single or merged) on each task; ``heads`` maps task → head tensors
-    (default: the adapter's own head, which must fit every task)."""
-    evaluator = TaskEvaluator(model_spec, tasks, max_length)
-    validate_adapter(adapter, evaluator.models[tasks[0].name], heads=False)  # heads are checked per task
-    deltas = adapter_deltas(adapter)
-    return {t.name: evaluator.score(t.name, deltas, (heads or {}).get(t.name, adapter.heads), split)
-            for t in tasks}
 
 
 def output_energy(adapter: LoraAdapter, module: str, gram: torch.Tensor) -> float:

@@ -8,24 +8,23 @@ interference and drift diagnostics. :mod:`orthomerge.report` turns ``results.jso
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter, load_adapter, save_adapter
+from .cache import cached_stats, digest, loaded_once
+from .config import MODEL, STATS_SAMPLES
 from .errors import OrthomergeError
 from .outputs import EXPERIMENT_MARKER, atomic_file
 from .evaluate import (TaskEvaluator, adapter_deltas, input_energy, interference_matrix, off_diagonal_mean,
                        subspace_drift)
 from .merge import METHODS, get_method, merge_adapters
-from .models import load_model, load_tokenizer
-from .stats import ActivationStats, collect_stats, load_stats, save_stats
+from .stats import ActivationStats, collect_stats
 from .tasks import Task, load_tasks
 from .train import TrainConfig, train_adapter
 
@@ -40,16 +39,16 @@ class ExperimentConfig:
     """Everything that defines a run; stored in ``results.json`` so a report says how it was made."""
 
     tasks: str | list[str] | None = None      # None: the bundled default suite; or names / a tasks.yaml
-    model: str = "minilm"
+    model: str = MODEL
     inits: list[str] = field(default_factory=lambda: ["lora", "osrm"])
     seeds: list[int] = field(default_factory=lambda: [0])
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     lambdas: list[float] = field(default_factory=lambda: list(DEFAULT_LAMBDAS))
-    train_size: int = 600
-    val_size: int = 100
+    train_size: int = 600                     # the experiment's own split sizes, fitted to its time budget
+    val_size: int = 100                       # (config.TRAIN_SIZE etc. are the tasks' defaults elsewhere)
     test_size: int = 300
-    stats_samples: int = 100                  # k samples per task for OSRM/RegMean (paper code: 100)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-3))
+    stats_samples: int = STATS_SAMPLES        # k samples per task for OSRM/RegMean (paper code: 100)
+    train: TrainConfig = field(default_factory=TrainConfig)
     arms: dict[str, dict] = field(default_factory=dict)  # extra arms: name → TrainConfig overrides
 
     @classmethod
@@ -90,10 +89,6 @@ def study_arms(rank: int) -> dict[str, dict]:
     }
 
 
-def _digest(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 class Experiment:
     """Runs :class:`ExperimentConfig` into ``out``; every stage caches what it can reuse."""
 
@@ -118,30 +113,18 @@ class Experiment:
         """Per task, from the pre-trained model: k training samples (init, RegMean) and k validation
         samples (held-out inputs for the interference diagnostics)."""
         c = self.config
-        model, tok = None, None
+        base = loaded_once(c.model)
         for task in tqdm(self.tasks, desc="statistics", disable=not self.progress):
             for kind, split, table in (("train", task.train, self.stats), ("heldout", task.validation, self.heldout)):
-                path = self.out / "stats" / f"{task.name}.{kind}.safetensors"
-                data = split.take(c.stats_samples)
-                tag = _digest([c.model, c.train.targets, c.train.max_length, data.texts, data.pairs])
-                if path.exists():
-                    cached = load_stats(path)
-                    if cached.meta.get("data") == tag:
-                        table[task.name] = cached
-                        continue
-                if model is None:
-                    model, tok = load_model(c.model), load_tokenizer(c.model)
-                stats = collect_stats(model, tok, data.texts, c.train.targets, pairs=data.pairs,
-                                      max_length=c.train.max_length, progress=False, model_name=c.model)
-                stats.meta["data"] = tag
-                save_stats(stats, path)
-                table[task.name] = stats
+                table[task.name] = cached_stats(self.out / "stats", c.model, split.take(c.stats_samples),
+                                                c.train.targets, c.train.max_length, name=f"{task.name}.{kind}",
+                                                base=base)
 
     def adapter(self, arm: str, config: TrainConfig, task: Task) -> LoraAdapter:
         """Train (or reuse from the cache) one task's adapter for one arm and seed."""
         c = self.config
         others = [self.stats[t.name] for t in self.tasks if t.name != task.name]
-        key = _digest([c.model, asdict(config), task.name, len(task.train), task.seed, task.train.texts[:5],
+        key = digest([c.model, asdict(config), task.name, len(task.train), task.seed, task.train.texts[:5],
                        [s.meta.get("data") for s in others] if config.needs_stats else None])
         path = self.out / "adapters" / f"seed{config.seed}" / arm / task.name
         if (path / "orthomerge.json").exists():
@@ -181,7 +164,7 @@ class Experiment:
             for seed in c.seeds:
                 config = replace(arm_config, seed=seed)
                 adapters = [self.adapter(arm, config, t) for t in self.tasks]
-                results["runs"].append(self.evaluated_arm(evaluator, arm, config, adapters))
+                results["runs"].append(self.evaluate_arm_or_reuse(evaluator, arm, config, adapters))
                 self.log(f"seed {seed} {arm}: " + ", ".join(
                     f"{r['method']} {r['test_normalised_mean']:.3f}" for r in results["runs"][-1]["merges"]))
                 results["seconds"] = round(time.time() - started, 1)
@@ -193,11 +176,12 @@ class Experiment:
         with atomic_file(self.out / "results.json") as tmp:
             tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
 
-    def evaluated_arm(self, evaluator: TaskEvaluator, arm: str, config: TrainConfig,
-                      adapters: list[LoraAdapter]) -> dict:
-        """:meth:`evaluate_arm`, cached beside the adapters (keyed by adapters, methods, λ grid, splits)."""
+    def evaluate_arm_or_reuse(self, evaluator: TaskEvaluator, arm: str, config: TrainConfig,
+                              adapters: list[LoraAdapter]) -> dict:
+        """:meth:`evaluate_arm`, or its result cached beside the adapters by an earlier invocation (keyed by
+        the adapters, methods, λ grid and splits)."""
         c = self.config
-        key = _digest([[a.metadata.get("cache_key") for a in adapters], c.methods, c.lambdas, c.val_size,
+        key = digest([[a.metadata.get("cache_key") for a in adapters], c.methods, c.lambdas, c.val_size,
                        c.test_size, c.stats_samples, [t.test.texts[:3] for t in self.tasks]])
         path = self.out / "evaluations" / f"seed{config.seed}" / f"{arm}.json"
         if path.exists():
@@ -249,14 +233,15 @@ class Experiment:
         inputs each adapter really sees once merged (deeper layers' inputs shift after merging)."""
         c = self.config
         names = [t.name for t in self.tasks]
-        model = evaluator.models[names[0]]
-        result = merge_adapters(adapters, method="task_arithmetic", dense=True, model=model, scale=lam)
-        merged = evaluator.load(names[0], {m: result.delta(m) for m in adapters[0].modules}, adapters[0].heads)
+        result = merge_adapters(adapters, method="task_arithmetic", dense=True, model=evaluator.models[names[0]],
+                                scale=lam)
         stats = []
-        for task in self.tasks:
-            data = task.validation.take(c.stats_samples)
-            stats.append(collect_stats(merged, evaluator.tokenizer, data.texts, c.train.targets, pairs=data.pairs,
-                                       max_length=c.train.max_length, progress=False))
+        with evaluator.patched(names[0], {m: result.delta(m) for m in adapters[0].modules},
+                               adapters[0].heads) as merged:
+            for task in self.tasks:
+                data = task.validation.take(c.stats_samples)
+                stats.append(collect_stats(merged, evaluator.tokenizer, data.texts, c.train.targets,
+                                           pairs=data.pairs, max_length=c.train.max_length, progress=False))
         return interference_matrix(adapters, stats)
 
     def _scores(self, evaluator, deltas_for, heads, single, split) -> tuple[dict, dict, float]:
@@ -277,12 +262,12 @@ class Experiment:
         params = {"scale": 1.0} if "scale" in spec.defaults else {}
         stats = [self.stats[n] for n in names] if spec.needs_stats else None
         # data-driven methods get the task splits (fisher: train rows; adamerging, search: validation inputs;
-        # never test) and run them through W₀, so the scoring patches are reset first
+        # never test) and run them through W₀, which the evaluator's models hold between scores
         data = self.tasks if spec.needs_data else None
-        model = evaluator.load(names[0], {}, {}) if spec.needs_data else evaluator.models[names[0]]
         t0 = time.time()
         # dense=True: evaluate the method's own ΔW (no re-compression), validated against the loaded base
-        result = merge_adapters(adapters, method=method, stats=stats, dense=True, model=model, data=data, **params)
+        result = merge_adapters(adapters, method=method, stats=stats, dense=True, model=evaluator.models[names[0]],
+                                data=data, **params)
         seconds = time.time() - t0
         per_task = spec.per_task
         deltas = {n: {m: result.delta(m, n if per_task else None) for m in adapters[0].modules}

@@ -13,12 +13,13 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from .adapters import LoraAdapter
+from .adapters import LoraAdapter, lora_layers, set_lora_A
+from .config import OSRM_VARIANTS
 from .errors import OrthomergeError
 from .linalg import fix_signs
 from .stats import ActivationStats, check_matches_model, check_same_source
 
-VARIANTS = ("paper", "official")
+VARIANTS = OSRM_VARIANTS
 
 
 def smallest_eigenvectors(matrix: np.ndarray, rank: int, subset: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -45,7 +46,7 @@ def paper_basis(other: np.ndarray, rank: int, own: np.ndarray | None = None, bet
     matrix = np.asarray(other, dtype=np.float64)
     if beta:
         if own is None:
-            raise OrthomergeError("beta > 0 needs the task's own statistics (--own-stats)")
+            raise OrthomergeError("beta > 0 needs the task's own statistics")
         matrix = matrix - beta * np.asarray(own, dtype=np.float64)
     return smallest_eigenvectors(matrix, rank)[1]
 
@@ -68,7 +69,7 @@ def other_second_moment(others: list[ActivationStats], module: str) -> np.ndarra
 def _check_inputs(others: list[ActivationStats], own: ActivationStats | None, model: nn.Module | None,
                   modules: list[str]) -> None:
     if not others:
-        raise OrthomergeError("OSRM needs statistics of at least one other task (--other-stats)")
+        raise OrthomergeError("OSRM needs statistics of at least one other task")
     for stats in others[1:] + ([own] if own is not None else []):
         check_same_source(others[0], stats)
     for stats in others + ([own] if own is not None else []):
@@ -121,8 +122,7 @@ def init_peft_model_osrm(peft_model, others: list[ActivationStats], own: Activat
     The in-memory path, like PEFT's EVA/CorDA: ``get_peft_model(model, LoraConfig(...))``, then this,
     then hand the model to a Trainer. Returns the init metadata (also stored by :func:`snapshot` users).
     """
-    layers = {name[len("base_model.model."):]: module for name, module in peft_model.named_modules()
-              if hasattr(module, "lora_A") and peft_model.active_adapter in getattr(module, "lora_A", {})}
+    layers = lora_layers(peft_model)
     if not layers:
         raise OrthomergeError("the model has no LoRA layers to initialise")
     name = peft_model.active_adapter
@@ -131,12 +131,11 @@ def init_peft_model_osrm(peft_model, others: list[ActivationStats], own: Activat
         raise OrthomergeError("OSRM init needs one rank for all modules")
     rank = next(iter(ranks.values()))
     bases = osrm_bases(list(layers), others, rank, variant, own, beta, model=peft_model.get_base_model())
-    with torch.no_grad():
-        for module, layer in layers.items():
-            weight = layer.lora_A[name].weight
-            weight.copy_(torch.from_numpy(bases[module]).to(weight.dtype))
-            layer.lora_B[name].weight.zero_()
+    set_lora_A(peft_model, bases)
     return init_metadata(others, rank, variant, own, beta)
+
+
+osrm_init = init_peft_model_osrm   # its short public name: ``orthomerge.osrm_init``
 
 
 def post_convert(adapter: LoraAdapter, others: list[ActivationStats], variant: str = "paper",

@@ -16,12 +16,6 @@ CONTRASTS = [("osrm", "lora"), ("osrm", "orthogonal"), ("orthogonal", "lora"), (
 INIT_ARMS = {"lora", "osrm", "orthogonal", "lora-unit"}   # every other arm is a training option on top
 
 
-def _t95(n: int) -> float:
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, n - 1)) if n > 1 else float("nan")
-
-
 def mean_std(values) -> str:
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
@@ -32,11 +26,17 @@ def mean_std(values) -> str:
 
 
 def paired_difference(a: list[float], b: list[float]) -> dict:
-    """Mean of per-seed differences a − b with a 95% t-interval (none for one seed)."""
+    """Mean of per-seed differences a − b with the paired t-test's 95% confidence interval
+    (:func:`scipy.stats.ttest_rel`; none for one seed)."""
+    from scipy.stats import ttest_rel
+
     d = np.asarray(a) - np.asarray(b)
     n = len(d)
-    half = _t95(n) * d.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
-    return {"mean": float(d.mean()), "low": float(d.mean() - half), "high": float(d.mean() + half), "n": n}
+    low = high = float("nan")
+    if n > 1:
+        ci = ttest_rel(a, b).confidence_interval(0.95)
+        low, high = float(ci.low), float(ci.high)
+    return {"mean": float(d.mean()), "low": low, "high": high, "n": n}
 
 
 def _fmt_diff(d: dict) -> str:

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import patching
 from .errors import OrthomergeError
 
 DETECTORS = ("phrase", "likelihood", "both")
@@ -194,17 +195,16 @@ def _rate(flags: list[bool]) -> dict:
 # ---------------------------------------------------------------- the model side
 
 
-def load_causal_lm(spec: str, device: str | torch.device | None = None, progress: bool = True):
-    """``(model, tokenizer)`` for a bundled alias or a local folder, float32, in eval mode.
+def load_causal_lm(spec: str, device: str | torch.device | None = None):
+    """``(model, tokenizer)`` for a bundled alias or a local folder: :func:`orthomerge.models.load_model` as
+    ``CAUSAL_LM`` (float32, eval mode) and :func:`~orthomerge.models.load_tokenizer`.
 
-    Deliberately small (another loader for every task type may replace it): refuses configs whose
-    ``architectures`` name no causal-LM class, such as a sequence classifier or a BERT encoder.
-    ``progress=False`` hides transformers' loading bar for this call (its setting is restored).
+    Refuses first a config whose ``architectures`` name no causal-LM class, such as a sequence classifier
+    or a BERT encoder (transformers would load those with a fresh LM head).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoConfig
 
-    from .models import resolve_model_path
+    from .models import load_model, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(spec)
     config = AutoConfig.from_pretrained(str(path))
@@ -212,21 +212,10 @@ def load_causal_lm(spec: str, device: str | torch.device | None = None, progress
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise OrthomergeError(f"{path / 'config.json'}: {', '.join(archs)} is not a causal language model "
                               f"(the safety check needs a generative decoder such as smollm2)")
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    except (ValueError, KeyError) as err:
-        raise OrthomergeError(f"{path}: cannot load as a causal language model ({err})") from None
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = load_model(str(spec), task_type="CAUSAL_LM", pad_from_tokenizer=False)
     if device is not None:
         model.to(device)
-    model.config.name_or_path = str(spec)
-    return model.eval(), tokenizer
+    return model, load_tokenizer(str(spec))
 
 
 def format_prompt(tokenizer, prompt: str) -> tuple[str, bool]:
@@ -497,31 +486,31 @@ def _rows(value, default: str) -> list[dict]:
 
 @contextlib.contextmanager
 def patched(model: nn.Module, deltas: dict[str, torch.Tensor], heads: dict[str, torch.Tensor] | None = None):
-    """``model`` with ``W₀ + ΔW`` in each module of ``deltas`` and ``heads`` copied in; W₀ restored on exit."""
+    """``model`` with ``W₀ + ΔW`` in each module of ``deltas`` (:func:`orthomerge.patching.patched`) and
+    ``heads`` copied in; both restored on exit. Every ΔW and head is checked against the model first."""
     modules = dict(model.named_modules())
     state = model.state_dict()
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []   # (live tensor, its original values)
-    try:
-        with torch.no_grad():
-            for name, delta in deltas.items():
-                module = modules.get(name)
-                if not isinstance(module, nn.Linear):
-                    raise OrthomergeError(f"ΔW for {name!r}: no such linear module in the base model")
-                if tuple(delta.shape) != tuple(module.weight.shape):
-                    raise OrthomergeError(f"ΔW for {name!r} is {tuple(delta.shape)}, the module is "
-                                          f"{tuple(module.weight.shape)}")
-                saved.append((module.weight, module.weight.detach().clone()))
-                module.weight.add_(delta.to(module.weight.device, module.weight.dtype))
-            for key, value in (heads or {}).items():
-                if key not in state or state[key].shape != value.shape:
-                    raise OrthomergeError(f"head tensor {key!r} does not fit the base model")
-                saved.append((state[key], state[key].detach().clone()))
-                state[key].copy_(value.to(state[key].device, state[key].dtype))
-        yield model
-    finally:
-        with torch.no_grad():
-            for live, original in reversed(saved):
-                live.copy_(original)
+    for name, delta in deltas.items():
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            raise OrthomergeError(f"ΔW for {name!r}: no such linear module in the base model")
+        if tuple(delta.shape) != tuple(module.weight.shape):
+            raise OrthomergeError(f"ΔW for {name!r} is {tuple(delta.shape)}, the module is "
+                                  f"{tuple(module.weight.shape)}")
+    for key, value in (heads or {}).items():
+        if key not in state or state[key].shape != value.shape:
+            raise OrthomergeError(f"head tensor {key!r} does not fit the base model")
+    with patching.patched(model, {n: d.to(modules[n].weight.device) for n, d in deltas.items()}):
+        saved = {key: state[key].detach().clone() for key in heads or {}}
+        try:
+            with torch.no_grad():
+                for key, value in (heads or {}).items():
+                    state[key].copy_(value.to(state[key].device, state[key].dtype))
+            yield model
+        finally:
+            with torch.no_grad():
+                for key, original in saved.items():
+                    state[key].copy_(original)
 
 
 def variant_deltas(variant, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str]:
@@ -553,7 +542,7 @@ def compare_safety(base, variants: dict | None = None, *, tokenizer=None, kinds:
     for key, default in (("harmful", "harmful"), ("harmless", "harmless")):   # bad prompt files fail first
         options[key] = _rows(options.get(key), default)
     if isinstance(base, (str, Path)):
-        model, tok = load_causal_lm(str(base), device=device, progress=progress)
+        model, tok = load_causal_lm(str(base), device=device)
         spec = str(base)
     else:
         if tokenizer is None:

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import yaml
 
+from .config import TEST_SIZE, TRAIN_SIZE, VAL_SIZE
 from .errors import OrthomergeError
 from .models import package_dir
 
@@ -321,8 +322,8 @@ def _bundled_rows(name: str) -> tuple[tuple, str]:
     return tuple(_dedupe(rows)), source
 
 
-def load_task(name: str, train_size: int | None = 1000, val_size: int = 300, test_size: int = 500,
-              seed: int = 0) -> Task:
+def load_task(name: str, train_size: int | None = TRAIN_SIZE, val_size: int = VAL_SIZE,
+              test_size: int = TEST_SIZE, seed: int = 0) -> Task:
     """A bundled task with seeded, stratified, disjoint splits; ``train_size=None`` takes every remaining row."""
     if name not in _BUNDLED:
         raise OrthomergeError(f"unknown task {name!r} (bundled: {', '.join(_BUNDLED)}; or a tasks .yaml file)")
@@ -428,8 +429,8 @@ def _read_yaml_tasks(path: Path, sizes: list[int | None], seed: int) -> list[Tas
     return [_user_task(spec, str(path), path.parent, sizes, seed) for spec in specs]
 
 
-def load_tasks(names_or_yaml: str | list[str] | None, train_size: int | None = 1000, val_size: int | None = 300,
-               test_size: int | None = 500, seed: int = 0) -> list[Task]:
+def load_tasks(names_or_yaml: str | list[str] | None, train_size: int | None = TRAIN_SIZE,
+               val_size: int | None = VAL_SIZE, test_size: int | None = TEST_SIZE, seed: int = 0) -> list[Task]:
     """Tasks by bundled name, comma-separated names, ``.yaml`` files, or a mix; None = DEFAULT_TASKS.
 
     YAML tasks keep their own files; each split is cut to its size by the seeded stratified order, and a
@@ -468,8 +469,8 @@ _GLUE = {
 }
 
 
-def load_glue_task(name: str, train_size: int | None = 1000, val_size: int | None = 300,
-                   test_size: int | None = 500, seed: int = 0) -> Task:
+def load_glue_task(name: str, train_size: int | None = TRAIN_SIZE, val_size: int | None = VAL_SIZE,
+                   test_size: int | None = TEST_SIZE, seed: int = 0) -> Task:
     """A GLUE task through ``datasets`` (needs the network and ``HF_HUB_OFFLINE=0``; never used by defaults).
 
     GLUE test labels are hidden, so the official validation split is halved into validation and test.
@@ -486,7 +487,7 @@ def load_glue_task(name: str, train_size: int | None = 1000, val_size: int | Non
     except Exception as err:  # network, hub and cache failures all mean the same to the user
         raise OrthomergeError(
             f"GLUE {name}: could not load from the hub ({' '.join(str(err).split())[:200]}); "
-            "orthomerge sets HF_HUB_OFFLINE=1 by default, export HF_HUB_OFFLINE=0 to download"
+            "it needs the network and HF_HUB_OFFLINE=0 (the Makefile and the tests set 1)"
         ) from None
     regression = name == "stsb"
     labels = None if regression else list(data["train"].features["label"].names)

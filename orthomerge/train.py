@@ -13,74 +13,21 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import LoraAdapter, from_peft_model, new_peft_model
+from . import encoding
+from .adapters import LoraAdapter, from_peft_model, lora_layers, new_peft_model, set_lora_A
+from .config import INITS, TrainConfig  # noqa: F401  (defined with the other defaults; importable from here)
 from .errors import OrthomergeError
 from .evaluate import predict
 from .models import load_model, load_tokenizer
 from .osrm import osrm_bases, other_second_moment, smallest_eigenvectors
 from .stats import ActivationStats
 from .tasks import Split, Task, compute_metric
-
-INITS = ("lora", "osrm", "orthogonal", "lora-unit")
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one LoRA fine-tune (recorded in the adapter's ``orthomerge.json``)."""
-
-    init: str = "lora"
-    rank: int = 8
-    alpha: float = 16.0
-    targets: list[str] = field(default_factory=lambda: ["query", "value"])
-    lr: float = 1e-3
-    epochs: int = 2
-    batch_size: int = 32
-    max_length: int = 64
-    seed: int = 0
-    freeze: str = "none"            # "A", "B" or "none"
-    warmup: float = 0.06
-    weight_decay: float = 0.0
-    variant: str = "paper"          # OSRM variant
-    beta: float = 0.0               # OSRM own-task tie-break
-    subspace_k: int = 0             # > 0: A stays in the k lowest-interference directions
-    interference_weight: float = 0.0  # μ of the interference regulariser
-
-    def check(self) -> None:
-        if self.init not in INITS:
-            raise OrthomergeError(f"unknown init {self.init!r} (choose from {', '.join(INITS)})")
-        if self.freeze not in ("A", "B", "none"):
-            raise OrthomergeError(f"--freeze must be A, B or none, got {self.freeze!r}")
-        if self.subspace_k and self.subspace_k < self.rank:
-            raise OrthomergeError(f"subspace k={self.subspace_k} must be ≥ rank {self.rank}")
-        for name in ("lr", "epochs", "batch_size", "max_length", "rank"):
-            if getattr(self, name) <= 0:
-                raise OrthomergeError(f"{name} must be positive, got {getattr(self, name)}")
-
-    @property
-    def needs_stats(self) -> bool:
-        return self.init == "osrm" or self.subspace_k > 0 or self.interference_weight > 0
-
-
-def lora_layers(peft_model) -> dict:
-    """Base-model module name → PEFT LoRA layer of the active adapter."""
-    name = peft_model.active_adapter
-    return {n[len("base_model.model."):]: m for n, m in peft_model.named_modules()
-            if hasattr(m, "lora_A") and name in getattr(m, "lora_A", {})}
-
-
-def _set_A(peft_model, bases: dict[str, np.ndarray | torch.Tensor]) -> None:
-    name = peft_model.active_adapter
-    with torch.no_grad():
-        for module, layer in lora_layers(peft_model).items():
-            w = layer.lora_A[name].weight
-            w.copy_(torch.as_tensor(bases[module]).to(w.dtype))
-            layer.lora_B[name].weight.zero_()
 
 
 def initialise(peft_model, config: TrainConfig, others: list[ActivationStats] | None,
@@ -103,21 +50,24 @@ def initialise(peft_model, config: TrainConfig, others: list[ActivationStats] | 
                  for m, layer in layers.items()}
     else:
         return {"init": "lora"}
-    _set_A(peft_model, bases)
+    set_lora_A(peft_model, bases)
     return {"init": config.init}
 
 
 def _batches(encodings: list[dict], labels: list, order: list[int], batch_size: int, tokenizer, regression: bool):
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = tokenizer.pad([encodings[i] for i in idx], return_tensors="pt")
+        batch = encoding.pad(tokenizer, encodings, idx)
         dtype = torch.float32 if regression else torch.long
         batch["labels"] = torch.tensor([labels[i] for i in idx], dtype=dtype)
         yield batch
 
 
 def encode(tokenizer, split: Split, max_length: int) -> list[dict]:
-    """Tokenise once without padding (batches pad dynamically)."""
+    """Tokenise once without padding (batches pad dynamically).
+
+    Superseded by :func:`orthomerge.encoding.encode`; kept only while ``merge/fisher.py`` and
+    ``merge/adamerging.py`` import it here. Delete once they import ``encoding.encode``."""
     enc = tokenizer(split.texts, split.pairs, truncation=True, max_length=max_length)
     return [{k: enc[k][i] for k in enc} for i in range(len(split))]
 
@@ -165,6 +115,22 @@ def interference_penalty(A: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
     return torch.einsum("rn,nm,rm->", A, moment, A) / (A * A).sum()
 
 
+def initialised_model(model_spec: str, task: Task, config: TrainConfig,
+                      others: list[ActivationStats] | None = None, own: ActivationStats | None = None):
+    """``(peft_model, init metadata)``: the base model with ``task``'s fresh head, wrapped in a LoRA whose
+    A is set per ``config.init`` (B = 0), before any training step: what :func:`train_adapter` starts from."""
+    model = load_model(model_spec, num_labels=task.num_labels, regression=task.is_regression, seed=config.seed)
+    torch.manual_seed(config.seed)  # PEFT's own A init draws from the global generator
+    peft_model = new_peft_model(model, config.targets, config.rank, config.alpha)
+    return peft_model, initialise(peft_model, config, others, own)
+
+
+def lora_A(peft_model) -> dict[str, torch.Tensor]:
+    """A copy of every module's ``A`` (active adapter)."""
+    return {m: layer.lora_A[peft_model.active_adapter].weight.detach().clone()
+            for m, layer in lora_layers(peft_model).items()}
+
+
 def train_adapter(model_spec: str, task: Task, config: TrainConfig,
                   others: list[ActivationStats] | None = None, own: ActivationStats | None = None,
                   progress: bool = True) -> LoraAdapter:
@@ -174,12 +140,8 @@ def train_adapter(model_spec: str, task: Task, config: TrainConfig,
         raise OrthomergeError(f"init {config.init!r} with these options needs the other tasks' statistics")
     started = time.time()
     tokenizer = load_tokenizer(model_spec)
-    model = load_model(model_spec, num_labels=task.num_labels, regression=task.is_regression, seed=config.seed)
-    torch.manual_seed(config.seed)  # PEFT's own A init draws from the global generator
-    peft_model = new_peft_model(model, config.targets, config.rank, config.alpha)
-    init_meta = initialise(peft_model, config, others, own)
-    initial_A = {m: layer.lora_A[peft_model.active_adapter].weight.detach().clone()
-                 for m, layer in lora_layers(peft_model).items()}
+    peft_model, init_meta = initialised_model(model_spec, task, config, others, own)
+    initial_A = lora_A(peft_model)
     constraints = _Constraints(peft_model, config, others)
     constraints.project()
     for name, p in peft_model.named_parameters():
@@ -191,7 +153,7 @@ def train_adapter(model_spec: str, task: Task, config: TrainConfig,
     warmup = int(config.warmup * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
-    encodings = encode(tokenizer, task.train, config.max_length)
+    encodings = encoding.encode(tokenizer, task.train, config.max_length)
     order_rng = torch.Generator().manual_seed(config.seed)
     history = []
     bar = tqdm(total=steps, desc=f"train {task.name} ({config.init})", unit="step", disable=not progress)

@@ -9,9 +9,10 @@ import torch
 
 from conftest import TEXTS
 from orthomerge.adapters import (LoraAdapter, load_adapter, new_peft_model, from_peft_model, save_adapter,
-                                 to_peft_model, validate_adapter, merged_state_dict)
+                                 validate_adapter)
 from orthomerge.errors import OrthomergeError
 from orthomerge.models import load_model, load_tokenizer
+from peft_oracle import merged_state_dict, to_peft_model
 
 
 def trained_like(path, seed=0, rank=4, alpha=8, rslora=False, rank_pattern=None, alpha_pattern=None):

@@ -7,12 +7,13 @@ import numpy as np
 import torch
 
 from conftest import WORDS
-from orthomerge.adapters import load_adapter, merged_state_dict
+from orthomerge.adapters import load_adapter
 from orthomerge.cli import main as cli
 from orthomerge.evaluate import TaskEvaluator, adapter_deltas, predict
 from orthomerge.models import load_model, load_tokenizer
 from orthomerge.tasks import compute_metric, load_tasks
 from orthomerge.train import TrainConfig
+from peft_oracle import merged_state_dict
 
 TOPICS = {
     "mood": (["great fun movie", "love the music", "good show"], ["awful boring plot", "bad actor", "hate it"]),
@@ -100,6 +101,7 @@ def test_evaluator_equals_dense_model_and_plain_peft(tiny_bert, tasks_yaml, tmp_
     merged = merge_adapters(adapters, method="task_arithmetic", scale=0.7)
     merged.save(tmp_path / "merged")
     evaluator = TaskEvaluator(tiny_bert, tasks, max_length=64)
+    dense_base = load_model(tiny_bert, num_labels=2).state_dict()
     tok = load_tokenizer(tiny_bert)
     for task in tasks:
         on_disk = load_adapter(tmp_path / "merged" / "tasks" / task.name)
@@ -109,9 +111,11 @@ def test_evaluator_equals_dense_model_and_plain_peft(tiny_bert, tasks_yaml, tmp_
         assert ours == compute_metric(task.metric, predict(dense, tok, task.test), task.test.labels)
         peft = PeftModel.from_pretrained(load_model(tiny_bert, num_labels=2), tmp_path / "merged" / "tasks" / task.name)
         batch = tok(task.test.texts, padding=True, return_tensors="pt")
-        model = evaluator.load(task.name, adapter_deltas(on_disk), on_disk.heads)
-        with torch.no_grad():
+        with evaluator.patched(task.name, adapter_deltas(on_disk), on_disk.heads) as model, torch.no_grad():
             torch.testing.assert_close(model(**batch).logits, peft.eval()(**batch).logits, rtol=1e-4, atol=1e-5)
+        for name, module in evaluator.models[task.name].named_modules():   # back at W₀ after every use
+            if name in on_disk.modules:
+                torch.testing.assert_close(module.weight, dense_base[f"{name}.weight"], rtol=0, atol=0)
 
 
 def test_head_of_the_wrong_size_is_a_clear_error(tiny_bert, tasks_yaml, tmp_path, capsys):

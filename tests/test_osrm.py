@@ -111,6 +111,7 @@ def test_cli_init_and_errors(tiny_bert, tiny_llama, task_stats, tmp_path, capsys
         (["--model", tiny_llama, "--targets", "q_proj"], "not on this base model|no statistics"),
         (["--model", tiny_bert, "--targets", "key"], "no statistics for module"),
         (["--model", tiny_bert, "--rank", "64"], "rank 64"),
+        (["--model", tiny_bert, "--beta", "0.1"], r"--beta 0.1 needs .*--own-stats"),   # the CLI names its flags
     ]:
         bad = tmp_path / "bad"
         assert cli(["init", *args, "--other-stats", *paths[1:], "--out", str(bad), "--quiet"]) == 2

@@ -150,6 +150,24 @@ def tiny_adapter(tiny_lm, tmp_path_factory):
     return str(path)
 
 
+def test_load_causal_lm_is_the_plain_transformers_model(tiny_lm):
+    """models.load_model as CAUSAL_LM gives what AutoModelForCausalLM gives (weights, config, forward)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = load_causal_lm(tiny_lm)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
+    assert type(model) is type(plain) and not model.training and model.dtype == torch.float32
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in model.state_dict().items())
+    assert model.config.pad_token_id == plain.config.pad_token_id
+    plain_tok = AutoTokenizer.from_pretrained(tiny_lm)
+    assert tok("how many")["input_ids"] == plain_tok("how many")["input_ids"]
+    assert (tok.pad_token_id, tok.eos_token_id) == (plain_tok.pad_token_id, plain_tok.eos_token_id)
+    ids = torch.tensor([tok("the movie was great fun")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
 def _naive_loglik(model, tok, prompt, cont):
     ids = safety._encode_prompt(tok, prompt)
     cids = safety._continuation_ids(tok, safety.format_prompt(tok, prompt)[0], cont)

@@ -43,7 +43,6 @@ def test_stats_equal_direct_computation(request, fixture, targets):
         xs = inputs[module]
         X = np.concatenate(xs)
         np.testing.assert_allclose(stats.gram(module).numpy(), X.T @ X, rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(stats.sums[stats.key_of(module)].numpy(), X.sum(0), rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(stats.sample_mean(module).numpy(), np.mean([x.mean(0) for x in xs], 0),
                                    rtol=1e-5, atol=1e-5)
         assert stats.tokens(module) == len(X)
@@ -114,6 +113,49 @@ def test_two_gloo_processes_equal_one(tiny_bert, tmp_path):
     assert one.token_count == two.token_count and one.sample_count == two.sample_count
     for m in one.modules:
         torch.testing.assert_close(one.gram(m), two.gram(m), rtol=1e-12, atol=1e-10)
+
+
+def test_files_hold_grams_and_mean_sums_and_old_sum_tensors_are_ignored(tiny_bert, tmp_path):
+    """Σx was written by earlier versions and never read: new files lack it, old files with it still load."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    stats = collect_stats(load_model(tiny_bert), load_tokenizer(tiny_bert), TEXTS[:4], ["query"], progress=False)
+    path = save_stats(stats, tmp_path / "new.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        names, metadata = set(handle.keys()), handle.metadata()
+    assert names == {f"{k}::{part}" for k in stats.groups for part in ("gram", "mean_sum")}
+    old = {**stats.tensors(), **{f"{k}::sum": torch.zeros(stats.grams[k].shape[0], dtype=torch.float64)
+                                 for k in stats.groups}}
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=metadata)
+    loaded = load_stats(tmp_path / "old.safetensors")
+    for m in stats.modules:
+        assert torch.equal(loaded.gram(m), stats.gram(m)) and torch.equal(loaded.sample_mean(m), stats.sample_mean(m))
+
+
+def test_cached_stats_are_reused_only_for_the_same_rows(tiny_bert, tmp_path):
+    """One cache (experiment and CLI): a file is reused when model, targets, max_length and rows match."""
+    from orthomerge.cache import cached_stats
+    from orthomerge.tasks import Split
+
+    loads = []
+
+    def base():
+        loads.append(1)
+        return load_model(tiny_bert), load_tokenizer(tiny_bert)
+
+    rows, other_rows = Split(TEXTS[:4], [0] * 4), Split(TEXTS[4:8], [0] * 4)
+    first = cached_stats(tmp_path, tiny_bert, rows, ["query"], 16, base=base)
+    again = cached_stats(tmp_path, tiny_bert, rows, ["query"], 16, base=base)
+    assert len(loads) == 1 and again.path == first.path and torch.equal(again.gram(again.modules[0]),
+                                                                        first.gram(first.modules[0]))
+    cached_stats(tmp_path, tiny_bert, rows, ["query"], 32, base=base)             # another max_length
+    cached_stats(tmp_path, tiny_bert, other_rows, ["query"], 16, base=base)       # other rows
+    assert len(loads) == 3 and len(list(tmp_path.glob("*.safetensors"))) == 3
+    named = cached_stats(tmp_path, tiny_bert, rows, ["query"], 16, name="task.train", base=base)
+    assert named.path == tmp_path / "task.train.safetensors" and len(loads) == 4
+    changed = cached_stats(tmp_path, tiny_bert, other_rows, ["query"], 16, name="task.train", base=base)
+    assert len(loads) == 5 and not torch.equal(changed.gram(changed.modules[0]), named.gram(named.modules[0]))
 
 
 def test_bad_statistics_files(tiny_bert, tmp_path):

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import MISSING, fields
+
+from ..config import MODEL, TEST_SIZE, TRAIN_SIZE, VAL_SIZE
 
 OVERWRITE_HELP = ("replace an earlier orthomerge output at --out (never a folder orthomerge did not write, "
                   "one that holds an input, or the working directory)")
@@ -10,7 +13,7 @@ OVERWRITE_HELP = ("replace an earlier orthomerge output at --out (never a folder
 def add_common(parser: argparse.ArgumentParser, model: bool = True) -> None:
     """Options most subcommands share: the base model and ``--quiet``."""
     if model:
-        parser.add_argument("--model", default="minilm",
+        parser.add_argument("--model", default=MODEL,
                             help="bundled alias (minilm, smollm2) or a local Hugging Face model folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -29,3 +32,52 @@ def checked_out(args: argparse.Namespace, inputs=(), resume: bool = False):
 
     return check_output(args.out, overwrite=args.overwrite, inputs=[i for i in inputs if i],
                         is_file=args.out_is_file, resume=resume)
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None) -> None:
+    """One ``--field-name`` option per field of the dataclass ``cls`` (or the fields named in ``only``):
+    default (and so type) from the field, help text and choices from its metadata
+    (:func:`orthomerge.config.option`). A list field takes one comma-separated value and stays a string
+    until the command parses it."""
+    for f in fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        kwargs = {"default": default, "help": f"{f.metadata['help']} (default {shown})".replace("%", "%%")}
+        if not isinstance(default, list):
+            kwargs["type"] = type(default)
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def dataclass_from_args(cls, args: argparse.Namespace, **values):
+    """``cls`` built from the options :func:`add_dataclass_options` added (``values`` take precedence)."""
+    return cls(**{**{f.name: getattr(args, f.name) for f in fields(cls)}, **values})
+
+
+def add_task_options(parser: argparse.ArgumentParser) -> None:
+    """``--tasks`` (a tasks.yaml) and the split sizes."""
+    parser.add_argument("--tasks", default=None, help="tasks.yaml with user tasks (default: the bundled suite)")
+    for option, split, default in (("train", "training", TRAIN_SIZE), ("val", "validation", VAL_SIZE),
+                                   ("test", "test", TEST_SIZE)):
+        parser.add_argument(f"--{option}-size", type=int, default=default,
+                            help=f"rows of each task's {split} split (default {default})")
+
+
+def named_tasks(args: argparse.Namespace, names: list[str]):
+    """(the pool of tasks for OSRM's "other tasks", the named tasks): --tasks YAML or the bundled suite."""
+    from ..errors import OrthomergeError
+    from ..tasks import load_task, load_tasks
+
+    sizes = dict(train_size=args.train_size, val_size=args.val_size, test_size=args.test_size)
+    pool = load_tasks(args.tasks, **sizes)
+    by_name = {t.name: t for t in pool}
+    for name in names:
+        if name not in by_name:
+            if args.tasks:
+                raise OrthomergeError(f"{args.tasks}: no task named {name!r}")
+            by_name[name] = load_task(name, **sizes)
+            pool.append(by_name[name])
+    return pool, [by_name[n] for n in names]

@@ -3,24 +3,21 @@ from __future__ import annotations
 
 import json
 
-from . import add_common, add_output, checked_out
+from ..config import TrainConfig
+from . import add_common, add_dataclass_options, add_output, checked_out
 
 
 def _osrm_options(p) -> None:
     p.add_argument("--other-stats", nargs="+", required=True, help="statistics files of the other tasks")
-    p.add_argument("--variant", choices=["paper", "official"], default="paper")
     p.add_argument("--own-stats", default=None, help="this task's statistics (for --beta)")
-    p.add_argument("--beta", type=float, default=0.0,
-                   help="own-task tie-break: minimise tr(A(S_other − β S_own)Aᵀ); 0 = the paper")
+    add_dataclass_options(p, TrainConfig, only=("variant", "beta"))
 
 
 def register(sub) -> None:
     p = sub.add_parser("init", help="write an OSRM-initialised LoRA adapter (B = 0) ready for training")
     add_common(p)
     _osrm_options(p)
-    p.add_argument("--targets", default="query,value")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
+    add_dataclass_options(p, TrainConfig, only=("targets", "rank", "alpha"))
     p.add_argument("--num-labels", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="seed of the (random) classifier head")
     add_output(p, "output adapter folder")
@@ -34,6 +31,14 @@ def register(sub) -> None:
     q.set_defaults(func=run_post)
 
 
+def _check_beta(args) -> None:
+    """The library says "needs the task's own statistics"; on the command line that is --own-stats."""
+    from ..errors import OrthomergeError
+
+    if args.beta and not args.own_stats:
+        raise OrthomergeError(f"--beta {args.beta:g} needs this task's statistics (--own-stats)")
+
+
 def run_init(args) -> None:
     from ..adapters import from_peft_model, new_peft_model, save_adapter
     from ..models import load_model, parse_targets
@@ -41,6 +46,7 @@ def run_init(args) -> None:
     from ..stats import load_stats
 
     checked_out(args, [*args.other_stats, args.own_stats])
+    _check_beta(args)
     others = [load_stats(p) for p in args.other_stats]
     own = load_stats(args.own_stats) if args.own_stats else None
     model = load_model(args.model, num_labels=args.num_labels, seed=args.seed)
@@ -58,6 +64,7 @@ def run_post(args) -> None:
     from ..stats import load_stats
 
     checked_out(args, [args.adapter, *args.other_stats, args.own_stats])
+    _check_beta(args)
     adapter = load_adapter(args.adapter)
     others = [load_stats(p) for p in args.other_stats]
     own = load_stats(args.own_stats) if args.own_stats else None

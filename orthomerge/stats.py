@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,8 +38,6 @@ class ActivationStats:
     sample_count: int
     meta: dict = field(default_factory=dict)
     path: Path | None = None
-    # Accepted and ignored: Σx was stored but never used. Delete once tests/test_merge_api.py stops passing it.
-    sums: InitVar[dict | None] = None
 
     @property
     def modules(self) -> list[str]:

@@ -63,15 +63,6 @@ def _batches(encodings: list[dict], labels: list, order: list[int], batch_size: 
         yield batch
 
 
-def encode(tokenizer, split: Split, max_length: int) -> list[dict]:
-    """Tokenise once without padding (batches pad dynamically).
-
-    Superseded by :func:`orthomerge.encoding.encode`; kept only while ``merge/fisher.py`` and
-    ``merge/adamerging.py`` import it here. Delete once they import ``encoding.encode``."""
-    enc = tokenizer(split.texts, split.pairs, truncation=True, max_length=max_length)
-    return [{k: enc[k][i] for k in enc} for i in range(len(split))]
-
-
 class _Constraints:
     """Subspace projection and interference regulariser, both from the other tasks' statistics."""
 

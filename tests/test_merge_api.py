@@ -192,7 +192,6 @@ def test_regmean_with_stats_files(tmp_path, merge_model_dir, adapter_dirs, delta
             x = torch.randn(50, 32, generator=g, dtype=torch.float64)
             gm[m] = x.T @ x
         st = ActivationStats(groups={m: [m] for m in modules}, grams=gm,
-                             sums={m: torch.zeros(32, dtype=torch.float64) for m in modules},
                              mean_sum={m: torch.zeros(32, dtype=torch.float64) for m in modules},
                              token_count=50, sample_count=5)
         paths.append(save_stats(st, tmp_path / f"s{i}.safetensors"))

@@ -345,7 +345,7 @@ def from_peft_model(peft_model, metadata: dict | None = None) -> LoraAdapter:
 
     name = peft_model.active_adapter
     cfg = peft_model.peft_config[name]
-    state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v.detach().clone()
+    state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v.detach().cpu().clone()
              for k, v in get_peft_model_state_dict(peft_model, adapter_name=name,
                                                                  save_embedding_layers=False).items()}
     A, B, heads = {}, {}, {}
@@ -383,14 +383,14 @@ def set_lora_A(peft_model, bases: dict) -> None:
 
 
 def new_peft_model(model: nn.Module, targets: list[str], rank: int = 8, alpha: float = 16.0,
-                   dropout: float = 0.0, rslora: bool = False, init: bool | str = True):
-    """Wrap a sequence-classification model with a fresh LoRA (head in ``modules_to_save``)."""
+                   dropout: float = 0.0, rslora: bool = False, init: bool | str = True, task_type: str = "SEQ_CLS"):
+    """Wrap a model with a fresh LoRA of PEFT task type ``task_type`` (SEQ_CLS: head in ``modules_to_save``)."""
     from peft import LoraConfig, get_peft_model
 
     if rank < 1:
         raise OrthomergeError(f"rank must be ≥ 1, got {rank}")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
-                        use_rslora=rslora, task_type="SEQ_CLS", init_lora_weights=init)
+                        use_rslora=rslora, task_type=task_type, init_lora_weights=init)
     peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = model.config.name_or_path
     return peft_model

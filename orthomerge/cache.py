@@ -47,13 +47,14 @@ def cached_stats(folder: str | Path, model_spec: str, data, targets: list[str], 
     return stats
 
 
-def loaded_once(model_spec: str) -> Callable:
-    """A ``base`` for :func:`cached_stats` that loads ``model_spec`` (and its tokenizer) on first use only."""
+def loaded_once(model_spec: str, **placement) -> Callable:
+    """A ``base`` for :func:`cached_stats` that loads ``model_spec`` (and its tokenizer) on first use only;
+    ``placement``: ``task_type``, ``device``, ``dtype`` for :func:`~orthomerge.models.load_model`."""
     loaded = []
 
     def base():
         if not loaded:
-            loaded.append((load_model(model_spec), load_tokenizer(model_spec)))
+            loaded.append((load_model(model_spec, **placement), load_tokenizer(model_spec)))
         return loaded[0]
 
     return base

@@ -133,3 +133,30 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     if not references:
         return float("nan")
     return float(np.mean([p.strip() == r.strip() for p, r in zip(predictions, references)]))
+
+
+def prompt_split(split, label_names: list[str] | None, template: str | None = None):
+    """The split with its texts replaced by the prompts (no second texts): what a causal LM's target
+    modules see, e.g. for OSRM statistics."""
+    from .tasks import Split
+
+    return Split(verbalise(split, label_names, template).prompts, list(split.labels))
+
+
+def score_split(model, tokenizer, split, label_names: list[str], metric: str, template: str | None = None,
+                max_length: int = 64, batch_size: int = 32) -> float:
+    """The task's metric of label scoring: each row's label is the most likely completion."""
+    from .tasks import compute_metric
+
+    data = verbalise(split, label_names, template)
+    return compute_metric(metric, predict_labels(model, tokenizer, data, max_length, batch_size), data.labels)
+
+
+def training_batches(tokenizer, split, label_names, template, max_length: int, order: list[int], batch_size: int,
+                     device=None):
+    """Right-padded prompt + completion batches in ``order``, labels on the completion tokens only."""
+    data = verbalise(split, label_names, template)
+    rows = encode_completions(tokenizer, data.prompts, data.completions, max_length)
+    for start in range(0, len(order), batch_size):
+        batch = collate(tokenizer, [rows[i] for i in order[start:start + batch_size]])
+        yield {k: v.to(device) for k, v in batch.items()} if device is not None else batch

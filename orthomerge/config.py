@@ -18,6 +18,14 @@ VAL_SIZE = 300
 TEST_SIZE = 500
 MAX_LENGTH = 64        # tokens per row (longer rows are truncated) for training and evaluation
 STATS_SAMPLES = 100    # rows per task for OSRM / RegMean statistics and the interference diagnostics
+STATS_MAX_LENGTH = 128  # tokens per row when collecting statistics (orthomerge stats, collect_stats)
+STATS_BATCH_SIZE = 32   # rows per forward pass when collecting statistics
+TARGETS = ("query", "value")   # LoRA target modules when none are named (the paper's q, v)
+
+DEFAULT_DEVICE = "auto"   # cuda if available, else mps, else cpu (models.resolve_device)
+DEFAULT_DTYPE = "auto"    # the checkpoint's own dtype: float32 for the bundled models (models.resolve_dtype)
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+TRAIN_TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM")   # how a labelled task is learned: a head, or label completions
 
 INITS = ("lora", "osrm", "orthogonal", "lora-unit")
 FREEZE = ("A", "B", "none")
@@ -39,7 +47,7 @@ class TrainConfig:
     rank: int = option("LoRA rank r", 8)
     alpha: float = option("LoRA alpha (ΔW = alpha/r · B A)", 16.0)
     targets: list[str] = option("target modules (last name components, comma-separated)",
-                                factory=lambda: ["query", "value"])
+                                factory=lambda: list(TARGETS))
     lr: float = option("AdamW learning rate (LoRA factors and head)", 5e-3)
     epochs: int = option("passes over the training split", 2)
     batch_size: int = option("training batch size", 32)
@@ -52,8 +60,16 @@ class TrainConfig:
     beta: float = option("OSRM own-task tie-break: minimise tr(A(S_other − β S_own)Aᵀ); 0 = the paper", 0.0)
     subspace_k: int = option("> 0: A may rotate only within the k lowest-interference directions (k ≥ rank)", 0)
     interference_weight: float = option("μ of the interference regulariser", 0.0)
+    task_type: str = option("SEQ_CLS: a classification head; CAUSAL_LM: the label's words as a completion of a "
+                            "prompt (LM loss on the completion only, scored by log-likelihood)", "SEQ_CLS",
+                            choices=TRAIN_TASK_TYPES)
+    prompt: str = option("causal-LM prompt template over {text} (and {pair}); empty: "
+                         "'{text}\nAnswer:' (pairs: '{text}\n{pair}\nAnswer:')", "")
 
     def check(self) -> None:
+        self.task_type = str(self.task_type).upper()
+        if self.task_type not in TRAIN_TASK_TYPES:
+            raise OrthomergeError(f"task type {self.task_type!r}: training supports {', '.join(TRAIN_TASK_TYPES)}")
         if self.init not in INITS:
             raise OrthomergeError(f"unknown init {self.init!r} (choose from {', '.join(INITS)})")
         if self.freeze not in FREEZE:

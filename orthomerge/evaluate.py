@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import patching
+from . import causal, patching
 from .adapters import WEIGHTS_NAME, LoraAdapter, validate_adapter
-from .config import MAX_LENGTH
+from .config import DEFAULT_DEVICE, DEFAULT_DTYPE, MAX_LENGTH
 from .encoding import batches
 from .errors import OrthomergeError
-from .models import load_model, load_tokenizer, same_model
+from .models import load_model, load_tokenizer, resolve_device, same_model
 from .stats import ActivationStats
 from .tasks import Split, Task, compute_metric
 
@@ -31,9 +31,10 @@ def predict(model: nn.Module, tokenizer, split: Split, max_length: int = MAX_LEN
     """Class ids (or floats for regression) for every row, batched by length to limit padding."""
     out = [None] * len(split)
     model.eval()
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        for idx, batch in batches(tokenizer, split, max_length, batch_size, by_length=True):
-            logits = model(**batch).logits
+        for idx, batch in batches(tokenizer, split, max_length, batch_size, by_length=True, device=device):
+            logits = model(**batch).logits.float()
             preds = logits[:, 0].tolist() if logits.shape[-1] == 1 else logits.argmax(-1).tolist()
             for i, p in zip(idx, preds):
                 out[i] = p
@@ -45,15 +46,26 @@ class TaskEvaluator:
 
     Each task's model keeps W₀ between calls: ΔW is added only while a split is scored
     (:func:`orthomerge.patching.patched`), so the merge methods may be handed the same model. The heads
-    last installed stay (every score installs its own)."""
+    last installed stay (every score installs its own).
+
+    ``task_type="CAUSAL_LM"``: one causal LM serves every task (no heads), and a task is scored by the
+    likelihood of each label's completion after the task's prompt (``prompt``: the template, see
+    :mod:`orthomerge.causal`). ``device`` / ``dtype`` place the models."""
 
     def __init__(self, model_spec: str, tasks: list[Task], max_length: int = MAX_LENGTH,
-                 batch_size: int = EVAL_BATCH_SIZE):
+                 batch_size: int = EVAL_BATCH_SIZE, *, task_type: str = "SEQ_CLS", prompt: str | None = None,
+                 device=DEFAULT_DEVICE, dtype=DEFAULT_DTYPE):
         self.spec = model_spec
         self.tasks = {t.name: t for t in tasks}
         self.tokenizer = load_tokenizer(model_spec)
-        self.models = {t.name: load_model(model_spec, num_labels=t.num_labels, regression=t.is_regression)
-                       for t in tasks}
+        self.task_type, self.prompt = str(task_type).upper(), prompt or None
+        place = dict(device=resolve_device(device), dtype=dtype)
+        if self.task_type == "CAUSAL_LM":
+            shared = load_model(model_spec, task_type="CAUSAL_LM", **place)
+            self.models = {t.name: shared for t in tasks}
+        else:
+            self.models = {t.name: load_model(model_spec, num_labels=t.num_labels, regression=t.is_regression,
+                                              **place) for t in tasks}
         self.max_length, self.batch_size = max_length, batch_size
 
     def validate(self, adapter: LoraAdapter, task: str) -> None:
@@ -64,7 +76,7 @@ class TaskEvaluator:
         if adapter.has_biases:
             raise OrthomergeError(f"{where}: has biases (lora_bias or bias='lora_only'|'all'), which this "
                                   "evaluator does not apply yet; evaluate it with PEFT (PeftModel.from_pretrained)")
-        if not adapter.heads:
+        if not adapter.heads and self.task_type != "CAUSAL_LM":
             raise OrthomergeError(f"{where}: no task head (modules_to_save) for task {task!r}; evaluate the "
                                   "adapter trained with its head, or a merge output's tasks/<name>")
         validate_adapter(adapter, self.models[task], where=where)
@@ -95,6 +107,9 @@ class TaskEvaluator:
         t = self.tasks[task]
         data: Split = getattr(t, split)
         with self.patched(task, deltas, heads) as model:
+            if self.task_type == "CAUSAL_LM":
+                return causal.score_split(model, self.tokenizer, data, t.label_names, t.metric, self.prompt,
+                                          self.max_length, self.batch_size)
             predictions = predict(model, self.tokenizer, data, self.max_length, self.batch_size)
         return compute_metric(t.metric, predictions, data.labels)
 

@@ -18,12 +18,14 @@ from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter, load_adapter, save_adapter
 from .cache import cached_stats, digest, loaded_once
-from .config import MODEL, STATS_SAMPLES
+from . import causal
+from .config import DEFAULT_DEVICE, DEFAULT_DTYPE, MODEL, STATS_SAMPLES
 from .errors import OrthomergeError
 from .outputs import EXPERIMENT_MARKER, atomic_file
 from .evaluate import (TaskEvaluator, adapter_deltas, input_energy, interference_matrix, off_diagonal_mean,
                        subspace_drift)
 from .merge import METHODS, get_method, merge_adapters
+from .models import resolve_device
 from .stats import ActivationStats, collect_stats
 from .tasks import Task, load_tasks
 from .train import TrainConfig, train_adapter
@@ -50,6 +52,23 @@ class ExperimentConfig:
     stats_samples: int = STATS_SAMPLES        # k samples per task for OSRM/RegMean (paper code: 100)
     train: TrainConfig = field(default_factory=TrainConfig)
     arms: dict[str, dict] = field(default_factory=dict)  # extra arms: name → TrainConfig overrides
+    device: str = DEFAULT_DEVICE                 # where models run (not part of any cache key)
+    dtype: str = DEFAULT_DTYPE                   # the base model's precision
+
+    @property
+    def causal(self) -> bool:
+        """Tasks learned as prompt → label completion by a causal LM (``train.task_type="CAUSAL_LM"``)."""
+        return str(self.train.task_type).upper() == "CAUSAL_LM"
+
+    def statistics_rows(self, task: Task, split):
+        """The rows whose target-module inputs the statistics describe: the texts, or a causal LM's prompts."""
+        rows = split.take(self.stats_samples)
+        return causal.prompt_split(rows, task.label_names, self.train.prompt or None) if self.causal else rows
+
+    def placement(self) -> dict:
+        """How the base model is loaded for this run (task type, device, precision)."""
+        return {"task_type": "CAUSAL_LM" if self.causal else "SEQ_CLS", "device": resolve_device(self.device),
+                "dtype": self.dtype}
 
     @classmethod
     def quick(cls, **overrides) -> "ExperimentConfig":
@@ -113,10 +132,10 @@ class Experiment:
         """Per task, from the pre-trained model: k training samples (init, RegMean) and k validation
         samples (held-out inputs for the interference diagnostics)."""
         c = self.config
-        base = loaded_once(c.model)
+        base = loaded_once(c.model, **c.placement())
         for task in tqdm(self.tasks, desc="statistics", disable=not self.progress):
             for kind, split, table in (("train", task.train, self.stats), ("heldout", task.validation, self.heldout)):
-                table[task.name] = cached_stats(self.out / "stats", c.model, split.take(c.stats_samples),
+                table[task.name] = cached_stats(self.out / "stats", c.model, c.statistics_rows(task, split),
                                                 c.train.targets, c.train.max_length, name=f"{task.name}.{kind}",
                                                 base=base)
 
@@ -132,7 +151,7 @@ class Experiment:
             if cached.metadata.get("cache_key") == key:
                 return cached
         adapter = train_adapter(c.model, task, config, others=others, own=self.stats[task.name],
-                                progress=self.progress)
+                                progress=self.progress, device=c.device, dtype=c.dtype)
         adapter.metadata.update(cache_key=key, arm=arm)
         save_adapter(adapter, path)
         return adapter
@@ -143,12 +162,16 @@ class Experiment:
         if c.methods == ["all"]:
             c = self.config = replace(c, methods=list(METHODS))
         for method in c.methods:
-            get_method(method)  # unknown names fail before any training
+            if get_method(method).needs_data and c.causal:   # unknown names, too, fail before any training
+                raise OrthomergeError(f"{method}: data-driven merges score classification heads; causal-LM "
+                                      "tasks are not supported by it")
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / EXPERIMENT_MARKER).touch()   # an interrupted run's folder is recognised and resumed
         self.load_tasks()
         self.collect_statistics()
-        evaluator = TaskEvaluator(c.model, self.tasks, c.train.max_length)
+        placement = c.placement()
+        evaluator = TaskEvaluator(c.model, self.tasks, c.train.max_length, task_type=placement["task_type"],
+                                  prompt=c.train.prompt, device=placement["device"], dtype=c.dtype)
         names = [t.name for t in self.tasks]
         arms = c.arm_configs()
         results = {
@@ -239,7 +262,7 @@ class Experiment:
         with evaluator.patched(names[0], {m: result.delta(m) for m in adapters[0].modules},
                                adapters[0].heads) as merged:
             for task in self.tasks:
-                data = task.validation.take(c.stats_samples)
+                data = c.statistics_rows(task, task.validation)
                 stats.append(collect_stats(merged, evaluator.tokenizer, data.texts, c.train.targets,
                                            pairs=data.pairs, max_length=c.train.max_length, progress=False))
         return interference_matrix(adapters, stats)

@@ -20,6 +20,7 @@ import copy
 import torch
 from torch import nn
 
+from .config import DEFAULT_DTYPE
 from .errors import OrthomergeError
 from .outputs import atomic_dir
 
@@ -159,7 +160,6 @@ def _head_kwargs(task_type: str | None, num_labels: int, regression: bool) -> di
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_DTYPE = "auto"   # the checkpoint's own dtype (float32 for the bundled models)
 
 
 def resolve_device(device=None) -> torch.device:
@@ -192,7 +192,7 @@ def resolve_dtype(dtype, path: Path | None = None) -> torch.dtype:
 
 def load_model(spec: str, num_labels: int = 2, regression: bool = False, seed: int = 0,
                task_type: str | None = "SEQ_CLS", weights: bool = True, pad_from_tokenizer: bool = True,
-               model_class: str | None = None, dtype=torch.float32, device=None):
+               model_class: str | None = None, dtype=DEFAULT_DTYPE, device=None):
     """The base model as ``task_type`` (PEFT's names; default sequence classification).
 
     ``model_class`` (a transformers class name) overrides the task type's Auto class: an adapter with no
@@ -288,15 +288,19 @@ def parse_targets(text: str | list[str]) -> list[str]:
     return items
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """A short identity of the base weights: statistics and adapters check it against their model."""
+def model_fingerprint(model: nn.Module, precision: torch.dtype = torch.bfloat16) -> str:
+    """A short identity of the base weights: statistics check it against their model.
+
+    Values are hashed as rounded to ``precision`` (bfloat16), so a model loaded in float32 or bfloat16 (or
+    on another device) has one identity; ``torch.float32`` gives the identity statistics files recorded
+    before that rounding (still accepted when the model is float32)."""
     digest = hashlib.sha1()
     digest.update(json.dumps(model.config.to_dict().get("model_type", "")).encode())
     heads = tuple(head_module_names(model))
     for name, param in model.named_parameters():
         if name.startswith(heads) or "lora_" in name:
             continue
-        flat = param.detach().reshape(-1)[:256].to(torch.float32).contiguous()
+        flat = param.detach().reshape(-1)[:256].to(precision).to(torch.float32).cpu().contiguous()
         digest.update(name.replace(".base_layer", "").encode())  # same identity inside a PEFT wrapper
         digest.update(str(tuple(param.shape)).encode())
         digest.update(flat.numpy().tobytes())

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import read_safetensors
+from .config import STATS_BATCH_SIZE, STATS_MAX_LENGTH
 from .errors import OrthomergeError
 from .outputs import atomic_file
 from .models import find_targets, model_fingerprint
@@ -81,7 +82,7 @@ class ActivationStats:
 
 
 def collect_stats(model: nn.Module, tokenizer, texts: list[str], targets: list[str],
-                  pairs: list[str] | None = None, max_length: int = 128, batch_size: int = 32,
+                  pairs: list[str] | None = None, max_length: int = STATS_MAX_LENGTH, batch_size: int = STATS_BATCH_SIZE,
                   progress: bool = True, model_name: str | None = None, float64: bool = False) -> ActivationStats:
     """One pass of the pre-trained ``model`` (eval mode) over ``texts``; hooks sum each target's input.
 
@@ -112,22 +113,25 @@ def collect_stats(model: nn.Module, tokenizer, texts: list[str], targets: list[s
     gram, mean_sum = {}, {}
 
     product = torch.float64 if float64 else torch.float32
+    device = next(model.parameters()).device
+    # the float64 sums live where float64 is fast and exact enough: on a CUDA device, else the CPU (MPS has none)
+    acc = device if device.type == "cuda" else torch.device("cpu")
 
     def accumulate(key: str, x: torch.Tensor) -> None:
         mask = state["mask"]
         if x.ndim != 3 or x.shape[:2] != mask.shape:
             raise OrthomergeError(f"module {key!r} does not receive one input per token (input shape "
                                   f"{tuple(x.shape)}); choose other targets")
-        x = x.detach().to(product)
+        x = x.detach().to(product)   # whatever the model's dtype (bf16 inputs are exact in float32)
         tokens = x[mask]
         if key not in gram:
             n = x.shape[-1]
-            gram[key] = torch.zeros(n, n, dtype=torch.float64)
-            mean_sum[key] = torch.zeros(n, dtype=torch.float64)
-        gram[key] += (tokens.T @ tokens).to(torch.float64)
+            gram[key] = torch.zeros(n, n, dtype=torch.float64, device=acc)
+            mean_sum[key] = torch.zeros(n, dtype=torch.float64, device=acc)
+        gram[key] += (tokens.T @ tokens).to(acc, torch.float64)
         weights = mask.to(product)
-        per_sample = torch.bmm(weights[:, None, :], x)[:, 0].to(torch.float64)
-        mean_sum[key] += (per_sample / weights.sum(1, keepdim=True).to(torch.float64)).sum(0)
+        per_sample = torch.bmm(weights[:, None, :], x)[:, 0].to(acc, torch.float64)
+        mean_sum[key] += (per_sample / weights.sum(1, keepdim=True).to(acc, torch.float64)).sum(0)
 
     def make_hook(name: str):
         def hook(module, args):
@@ -145,7 +149,7 @@ def collect_stats(model: nn.Module, tokenizer, texts: list[str], targets: list[s
         for start in range(0, len(rows), batch_size):
             idx = rows[start:start + batch_size]
             batch = tokenizer([texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None,
-                              truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+                              truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
             state["mask"] = batch["attention_mask"].bool()
             first = not groups
             state["captured"] = {} if first else None
@@ -187,6 +191,8 @@ def collect_stats(model: nn.Module, tokenizer, texts: list[str], targets: list[s
         "float64_products": float64,
         "widths": {k: width[k] for k in groups},
     }
+    gram = {k: v.cpu() for k, v in gram.items()}
+    mean_sum = {k: v.cpu() for k, v in mean_sum.items()}
     return ActivationStats(groups=groups, grams=gram, mean_sum=mean_sum,
                            token_count=tokens_seen, sample_count=samples_seen, meta=meta)
 
@@ -253,7 +259,7 @@ def check_same_source(a: ActivationStats, b: ActivationStats) -> None:
 def check_matches_model(stats: ActivationStats, model: nn.Module, modules: list[str]) -> None:
     """The statistics were computed on this base model and cover these modules."""
     fingerprint = model_fingerprint(model)
-    if stats.meta.get("fingerprint") != fingerprint:
+    if stats.meta.get("fingerprint") not in (fingerprint, model_fingerprint(model, torch.float32)):
         raise OrthomergeError(
             f"{stats.where}: computed on model {stats.meta.get('model')!r} "
             f"(fingerprint {stats.meta.get('fingerprint')}), not on this base model ({fingerprint})"

@@ -11,6 +11,7 @@ S_¬t divided by its mean eigenvalue so μ does not depend on the activations' s
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict
@@ -19,12 +20,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import encoding
+from . import causal, encoding
 from .adapters import LoraAdapter, from_peft_model, lora_layers, new_peft_model, set_lora_A
-from .config import INITS, TrainConfig  # noqa: F401  (defined with the other defaults; importable from here)
+from .config import DEFAULT_DEVICE, DEFAULT_DTYPE, INITS, TrainConfig  # noqa: F401  (importable from here)
 from .errors import OrthomergeError
 from .evaluate import predict
-from .models import load_model, load_tokenizer
+from .models import load_model, load_tokenizer, resolve_device
 from .osrm import osrm_bases, other_second_moment, smallest_eigenvectors
 from .stats import ActivationStats
 from .tasks import Split, Task, compute_metric
@@ -54,13 +55,32 @@ def initialise(peft_model, config: TrainConfig, others: list[ActivationStats] | 
     return {"init": config.init}
 
 
-def _batches(encodings: list[dict], labels: list, order: list[int], batch_size: int, tokenizer, regression: bool):
+def _batches(encodings: list[dict], labels: list, order: list[int], batch_size: int, tokenizer, regression: bool,
+             device=None):
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = encoding.pad(tokenizer, encodings, idx)
+        batch = encoding.pad(tokenizer, encodings, idx, device)
         dtype = torch.float32 if regression else torch.long
-        batch["labels"] = torch.tensor([labels[i] for i in idx], dtype=dtype)
+        batch["labels"] = torch.tensor([labels[i] for i in idx], dtype=dtype, device=device)
         yield batch
+
+
+def _training_batches(task: Task, config: TrainConfig, tokenizer, order: list[int], device):
+    """The task's training rows in ``order``: labelled (a head) or prompt + completion (a causal LM)."""
+    if config.task_type == "CAUSAL_LM":
+        return causal.training_batches(tokenizer, task.train, task.label_names, config.prompt or None,
+                                       config.max_length, order, config.batch_size, device)
+    encodings = encoding.encode(tokenizer, task.train, config.max_length)
+    return _batches(encodings, task.train.labels, order, config.batch_size, tokenizer, task.is_regression, device)
+
+
+def validation_score(model, tokenizer, task: Task, config: TrainConfig) -> float:
+    """The task's metric on its validation split (a head's predictions, or label scoring of a causal LM)."""
+    if config.task_type == "CAUSAL_LM":
+        return causal.score_split(model, tokenizer, task.validation, task.label_names, task.metric,
+                                  config.prompt or None, config.max_length)
+    return compute_metric(task.metric, predict(model, tokenizer, task.validation, config.max_length),
+                          task.validation.labels)
 
 
 class _Constraints:
@@ -75,13 +95,14 @@ class _Constraints:
         if not others:
             raise OrthomergeError("subspace/interference options need the other tasks' statistics")
         for m in self.layers:
+            like = self.layers[m].lora_A[self.name].weight   # the A's device and dtype
             moment = other_second_moment(others, m)
             if config.subspace_k:
                 _, rows = smallest_eigenvectors(moment, config.subspace_k)
                 u = torch.from_numpy(rows.T).float()
-                self.projectors[m] = u @ u.T
+                self.projectors[m] = (u @ u.T).to(like)
             if config.interference_weight:  # S / (tr S / n): μ is dimensionless, the penalty's mean is 1
-                self.moments[m] = torch.from_numpy(moment * len(moment) / np.trace(moment)).float()
+                self.moments[m] = torch.from_numpy(moment * len(moment) / np.trace(moment)).to(like)
         self.mu = config.interference_weight
 
     def project(self) -> None:
@@ -107,31 +128,62 @@ def interference_penalty(A: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
 
 
 def initialised_model(model_spec: str, task: Task, config: TrainConfig,
-                      others: list[ActivationStats] | None = None, own: ActivationStats | None = None):
-    """``(peft_model, init metadata)``: the base model with ``task``'s fresh head, wrapped in a LoRA whose
-    A is set per ``config.init`` (B = 0), before any training step: what :func:`train_adapter` starts from."""
-    model = load_model(model_spec, num_labels=task.num_labels, regression=task.is_regression, seed=config.seed)
-    torch.manual_seed(config.seed)  # PEFT's own A init draws from the global generator
-    peft_model = new_peft_model(model, config.targets, config.rank, config.alpha)
+                      others: list[ActivationStats] | None = None, own: ActivationStats | None = None,
+                      device=DEFAULT_DEVICE, dtype=DEFAULT_DTYPE):
+    """``(peft_model, init metadata)``: the base model (with ``task``'s fresh head for ``SEQ_CLS``), wrapped
+    in a LoRA whose A is set per ``config.init`` (B = 0), before any training step: what
+    :func:`train_adapter` starts from. ``device`` / ``dtype`` place the base (see :mod:`orthomerge.models`)."""
+    if config.task_type == "CAUSAL_LM" and task.is_regression:
+        raise OrthomergeError(f"task {task.name!r} is a regression; a causal LM learns labels as completions")
+    config.check()
+    with _seeded(config.seed, device):
+        return _initialised(model_spec, task, config, others, own, device, dtype)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device):
+    """torch's global generators seeded with ``seed`` for the duration, the caller's state restored after:
+    PEFT's A init and the model's dropout draw from them, so a seed fixes both."""
+    device = resolve_device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _initialised(model_spec, task, config, others, own, device, dtype):
+    """:func:`initialised_model` inside :func:`_seeded` (training continues the same random stream)."""
+    model = load_model(model_spec, num_labels=task.num_labels, regression=task.is_regression, seed=config.seed,
+                       task_type=config.task_type, dtype=dtype, device=resolve_device(device))
+    torch.manual_seed(config.seed)
+    peft_model = new_peft_model(model, config.targets, config.rank, config.alpha, task_type=config.task_type)
     return peft_model, initialise(peft_model, config, others, own)
 
 
 def lora_A(peft_model) -> dict[str, torch.Tensor]:
     """A copy of every module's ``A`` (active adapter)."""
-    return {m: layer.lora_A[peft_model.active_adapter].weight.detach().clone()
+    return {m: layer.lora_A[peft_model.active_adapter].weight.detach().cpu().clone()
             for m, layer in lora_layers(peft_model).items()}
 
 
 def train_adapter(model_spec: str, task: Task, config: TrainConfig,
                   others: list[ActivationStats] | None = None, own: ActivationStats | None = None,
-                  progress: bool = True) -> LoraAdapter:
-    """Fine-tune a LoRA (and the task head) on ``task.train``; validate after every epoch."""
+                  progress: bool = True, device=DEFAULT_DEVICE, dtype=DEFAULT_DTYPE) -> LoraAdapter:
+    """Fine-tune a LoRA (and the task head, for ``SEQ_CLS``) on ``task.train``; validate after every epoch.
+    ``device`` / ``dtype``: where and in which precision the base runs (the LoRA factors stay float32).
+    The caller's random state is left as it was."""
+    with _seeded(config.seed, device):
+        return _train(model_spec, task, config, others, own, progress, device, dtype)
+
+
+def _train(model_spec, task, config, others, own, progress, device, dtype) -> LoraAdapter:
+    """:func:`train_adapter`'s body, inside :func:`_seeded`."""
     config.check()
     if config.needs_stats and not others:
         raise OrthomergeError(f"init {config.init!r} with these options needs the other tasks' statistics")
     started = time.time()
     tokenizer = load_tokenizer(model_spec)
-    peft_model, init_meta = initialised_model(model_spec, task, config, others, own)
+    peft_model, init_meta = _initialised(model_spec, task, config, others, own, device, dtype)
+    device = next(peft_model.parameters()).device
     initial_A = lora_A(peft_model)
     constraints = _Constraints(peft_model, config, others)
     constraints.project()
@@ -144,16 +196,14 @@ def train_adapter(model_spec: str, task: Task, config: TrainConfig,
     warmup = int(config.warmup * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
-    encodings = encoding.encode(tokenizer, task.train, config.max_length)
     order_rng = torch.Generator().manual_seed(config.seed)
     history = []
     bar = tqdm(total=steps, desc=f"train {task.name} ({config.init})", unit="step", disable=not progress)
     for epoch in range(config.epochs):
         peft_model.train()
-        order = torch.randperm(len(encodings), generator=order_rng).tolist()
+        order = torch.randperm(len(task.train), generator=order_rng).tolist()
         losses = []
-        for batch in _batches(encodings, task.train.labels, order, config.batch_size, tokenizer,
-                              task.is_regression):
+        for batch in _training_batches(task, config, tokenizer, order, device):
             loss = peft_model(**batch).loss + constraints.penalty()
             loss.backward()
             optimiser.step()
@@ -163,14 +213,13 @@ def train_adapter(model_spec: str, task: Task, config: TrainConfig,
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        score = compute_metric(task.metric, predict(peft_model, tokenizer, task.validation, config.max_length),
-                               task.validation.labels)
+        score = validation_score(peft_model, tokenizer, task, config)
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), f"val_{task.metric}": score})
     bar.close()
     metadata = {
         **init_meta, "task": task.name, "metric": task.metric, "labels": task.label_names,
         "config": asdict(config), "history": history, "train_seconds": round(time.time() - started, 1),
-        "model": model_spec,
+        "model": model_spec, "dtype": str(next(peft_model.get_base_model().parameters()).dtype).replace("torch.", ""),
     }
     adapter = from_peft_model(peft_model.eval(), metadata=metadata)
     adapter.initial_A = initial_A

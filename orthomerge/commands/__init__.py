@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, fields
 
-from ..config import MODEL, TEST_SIZE, TRAIN_SIZE, VAL_SIZE
+from ..config import DEFAULT_DEVICE, DEFAULT_DTYPE, DTYPE_CHOICES, MODEL, TEST_SIZE, TRAIN_SIZE, VAL_SIZE
 
 OVERWRITE_HELP = ("replace an earlier orthomerge output at --out (never a folder orthomerge did not write, "
                   "one that holds an input, or the working directory)")
@@ -14,8 +14,29 @@ def add_common(parser: argparse.ArgumentParser, model: bool = True) -> None:
     """Options most subcommands share: the base model and ``--quiet``."""
     if model:
         parser.add_argument("--model", default=MODEL,
-                            help="bundled alias (minilm, smollm2) or a local Hugging Face model folder")
+                            help="bundled alias (minilm, smollm2), a local Hugging Face model folder, or a Hub "
+                                 "repo id owner/name[@revision] (from the cache when offline)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_placement(parser: argparse.ArgumentParser, task_type: bool = True) -> None:
+    """``--device``, ``--dtype`` and (unless the command has its own) ``--task-type``: how the base is loaded."""
+    parser.add_argument("--device", default=DEFAULT_DEVICE,
+                        help="cuda, mps, cpu, cuda:1, … (default auto: cuda if available, else mps, else cpu)")
+    parser.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_CHOICES,
+                        help="the base model's precision (default auto: the checkpoint's own dtype)")
+    if task_type:
+        parser.add_argument("--task-type", default=None, type=str.upper,
+                            help="PEFT task type the base is loaded as: SEQ_CLS, CAUSAL_LM, TOKEN_CLS, "
+                                 "SEQ_2_SEQ_LM, FEATURE_EXTRACTION (default: the adapter's, else SEQ_CLS)")
+
+
+def placement(args: argparse.Namespace, task_type: str | None = None) -> dict:
+    """``load_model`` keyword arguments from :func:`add_placement`'s options."""
+    from ..models import resolve_device
+
+    return {"task_type": task_type or getattr(args, "task_type", None) or "SEQ_CLS",
+            "device": resolve_device(args.device), "dtype": args.dtype}
 
 
 def add_output(parser: argparse.ArgumentParser, help: str, *, required: bool = True, is_file: bool = False,

@@ -5,13 +5,16 @@ import json
 from pathlib import Path
 
 from ..config import MAX_LENGTH, STATS_SAMPLES
-from . import add_common, add_output, add_task_options, checked_out, named_tasks
+from . import add_common, add_output, add_placement, add_task_options, checked_out, named_tasks, placement
 
 
 def register(sub) -> None:
     e = sub.add_parser("eval", help="evaluate an adapter or a merged result on tasks")
     add_common(e)
+    add_placement(e)
     add_task_options(e)
+    e.add_argument("--prompt", default="", help="causal-LM tasks: the prompt template the adapter was trained "
+                                                "with (default: the adapter's, else '{text}\\nAnswer:')")
     e.add_argument("--max-length", type=int, default=MAX_LENGTH,
                    help=f"tokens per row (longer rows are truncated; default {MAX_LENGTH})")
     e.add_argument("--adapter", required=True, help="adapter folder, or a merge output with tasks/<name>/")
@@ -28,6 +31,7 @@ def run_eval(args) -> None:
 
     from ..adapters import load_adapter
     from ..cache import cached_stats, loaded_once
+    from ..causal import prompt_split
     from ..errors import OrthomergeError
     from ..evaluate import TaskEvaluator, adapter_deltas, interference_matrix
     from ..models import cache_dir
@@ -53,7 +57,11 @@ def run_eval(args) -> None:
     adapters = {name: for_task(name) for name in args.task}
     singles = [load_adapter(p) for p in args.single] if args.single is not None else []
     _, tasks = named_tasks(args, args.task)
-    evaluator = TaskEvaluator(args.model, tasks, args.max_length)
+    first = next(iter(adapters.values()))
+    place = placement(args, args.task_type or first.task_type)
+    prompt = args.prompt or (first.metadata.get("config") or {}).get("prompt") or None
+    evaluator = TaskEvaluator(args.model, tasks, args.max_length, task_type=place["task_type"], prompt=prompt,
+                              device=place["device"], dtype=place["dtype"])
     for t, adapter in [*adapters.items(), *zip(args.task, singles)]:
         evaluator.validate(adapter, t)
     report = {"adapter": str(root), "split": args.split, "metrics": {}}
@@ -67,9 +75,13 @@ def run_eval(args) -> None:
         report["normalised"] = {n: report["metrics"][n] / own[n] if own[n] else None for n in own}
         report["normalised_mean"] = float(np.nanmean([v for v in report["normalised"].values() if v is not None]))
         targets = sorted({m.split(".")[-1] for m in singles[0].modules})
-        base = loaded_once(args.model)
-        held = [cached_stats(cache_dir() / "stats", args.model, t.validation.take(STATS_SAMPLES), targets,
-                             args.max_length, base=base) for t in tasks]
+        base = loaded_once(args.model, **place)
+        def rows(t):
+            data = t.validation.take(STATS_SAMPLES)
+            return prompt_split(data, t.label_names, prompt) if place["task_type"] == "CAUSAL_LM" else data
+
+        held = [cached_stats(cache_dir() / "stats", args.model, rows(t), targets, args.max_length, base=base)
+                for t in tasks]
         report["interference"] = {"rows_inputs_of": [t.name for t in tasks],
                                   "matrix": interference_matrix(singles, held).round(4).tolist()}
     text = json.dumps(report, indent=2)

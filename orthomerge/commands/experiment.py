@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shlex
 
-from . import add_common
+from . import add_common, add_placement
 
 
 def _floats(text: str) -> list[float]:
@@ -18,6 +18,9 @@ def register(sub) -> None:
     p = sub.add_parser("experiment", help="train per-task LoRAs (standard and OSRM), merge with every method, "
                                           "evaluate, write report.md/results.json/plots")
     add_common(p)
+    add_placement(p)
+    p.add_argument("--prompt", default=None, help="causal-LM tasks (--task-type causal_lm): the prompt template "
+                                                  "over {text} (and {pair}); default '{text}\\nAnswer:'")
     p.add_argument("--tasks", default=None, help="bundled task names (comma-separated) or a tasks.yaml; "
                                                  "default: the bundled suite")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 small tasks, few methods (minutes)")
@@ -49,7 +52,7 @@ def build_config(args):
     config = ExperimentConfig.quick() if args.quick else ExperimentConfig()
     if args.study:
         config = ExperimentConfig.study()
-    overrides = {"model": args.model}
+    overrides = {"model": args.model, "device": args.device, "dtype": args.dtype}
     if args.tasks:
         overrides["tasks"] = args.tasks if args.tasks.endswith((".yaml", ".yml")) else _list(args.tasks)
     for name in ("inits", "methods", "lambdas", "train_size"):
@@ -57,7 +60,8 @@ def build_config(args):
             overrides[name] = getattr(args, name)
     if args.seeds is not None:
         overrides["seeds"] = list(range(args.seeds))
-    train = {k: getattr(args, k) for k in ("epochs", "lr", "rank") if getattr(args, k) is not None}
+    train = {k: getattr(args, k) for k in ("epochs", "lr", "rank", "task_type", "prompt")
+             if getattr(args, k) is not None}
     if train:
         overrides["train"] = replace(config.train, **train)
     return replace(config, **overrides)

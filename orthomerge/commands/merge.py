@@ -47,11 +47,19 @@ def register(subparsers) -> None:
     out.add_argument("--dense", action="store_true", help="write full merged model folders instead of a LoRA")
     out.add_argument("--svd", default="auto",
                      help="SVD for re-compressing dense results: auto (exact up to 2048², randomized above), exact or randomized")
+    out.add_argument("--device", default="cpu",
+                     help="where the rules and the data-driven methods' model run: cpu (default), cuda, auto")
     out.add_argument("--threads", type=int, default=None,
                      help="torch threads while merging (default $ORTHOMERGE_THREADS or 1: many small "
                           "decompositions run faster single-threaded; 0 = torch's default)")
     add_common(p)
     p.set_defaults(func=run, model=None, out_is_file=False)
+
+
+def _device(text: str):
+    from ..models import resolve_device
+
+    return resolve_device(text)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -83,7 +91,7 @@ def run(args: argparse.Namespace) -> None:
         result = merge_adapters(args.adapters, method=args.method, weights=args.weights, space=args.space,
                                 rank=args.rank, dense=args.dense, model=args.model, stats=args.stats,
                                 seed=args.seed, svd=args.svd, progress=not args.quiet, threads=args.threads,
-                                data=args.data, **params)
+                                data=args.data, device=_device(args.device), **params)
         result.save(args.out, overwrite=args.overwrite)
     total = result.report["total"]
     print(f"{result.method}: wrote {result.path} (total re-compression error {total['rel_error']:.3g}, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from ..config import TrainConfig
-from . import add_common, add_dataclass_options, add_output, checked_out
+from . import add_common, add_dataclass_options, add_output, add_placement, checked_out, placement
 
 
 def _osrm_options(p) -> None:
@@ -16,6 +16,7 @@ def _osrm_options(p) -> None:
 def register(sub) -> None:
     p = sub.add_parser("init", help="write an OSRM-initialised LoRA adapter (B = 0) ready for training")
     add_common(p)
+    add_placement(p)
     _osrm_options(p)
     add_dataclass_options(p, TrainConfig, only=("targets", "rank", "alpha"))
     p.add_argument("--num-labels", type=int, default=2)
@@ -49,8 +50,10 @@ def run_init(args) -> None:
     _check_beta(args)
     others = [load_stats(p) for p in args.other_stats]
     own = load_stats(args.own_stats) if args.own_stats else None
-    model = load_model(args.model, num_labels=args.num_labels, seed=args.seed)
-    peft_model = new_peft_model(model, parse_targets(args.targets), args.rank, args.alpha)
+    place = placement(args)
+    model = load_model(args.model, num_labels=args.num_labels, seed=args.seed, **place)
+    peft_model = new_peft_model(model, parse_targets(args.targets), args.rank, args.alpha,
+                                task_type=place["task_type"])
     meta = init_peft_model_osrm(peft_model, others, own=own, beta=args.beta, variant=args.variant)
     save_adapter(from_peft_model(peft_model, metadata=meta), args.out, overwrite=args.overwrite)
     if not args.quiet:

@@ -1,19 +1,21 @@
 """``orthomerge stats`` and ``orthomerge combine-stats``."""
 from __future__ import annotations
 
-from . import add_common, add_output, checked_out
+from ..config import STATS_BATCH_SIZE, STATS_MAX_LENGTH, TARGETS
+from . import add_common, add_output, add_placement, checked_out, placement
 
 
 def register(sub) -> None:
     p = sub.add_parser("stats", help="collect activation statistics of target-module inputs from a data file")
     add_common(p)
+    add_placement(p)
     p.add_argument("--data", required=True, help="CSV, TSV or JSONL file with a text column")
-    p.add_argument("--targets", default="query,value", help="LoRA target modules, e.g. query,value")
+    p.add_argument("--targets", default=",".join(TARGETS), help="LoRA target modules, e.g. query,value")
     p.add_argument("--text-column", default="text")
     p.add_argument("--text-pair-column", default=None, help="second text column for pair tasks")
     p.add_argument("--max-samples", type=int, default=None, help="first N rows (file order)")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=STATS_MAX_LENGTH)
+    p.add_argument("--batch-size", type=int, default=STATS_BATCH_SIZE)
     p.add_argument("--float64", action="store_true",
                    help="float64 products per batch (default: float32 products, float64 sums)")
     add_output(p, "output .safetensors file", is_file=True)
@@ -41,7 +43,7 @@ def run_stats(args) -> None:
     texts = [str(r[args.text_column]) for r in rows]
     pairs = [str(r[args.text_pair_column]) for r in rows] if args.text_pair_column else None
     distributed = init_distributed_from_env()
-    model = load_model(args.model)
+    model = load_model(args.model, **placement(args))
     stats = collect_stats(model, load_tokenizer(args.model), texts, parse_targets(args.targets), pairs=pairs,
                           max_length=args.max_length, batch_size=args.batch_size, progress=not args.quiet,
                           model_name=args.model, float64=args.float64)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 
 from ..config import STATS_SAMPLES, TrainConfig
-from . import (add_common, add_dataclass_options, add_output, add_task_options, checked_out, dataclass_from_args,
-               named_tasks)
+from . import (add_common, add_dataclass_options, add_output, add_placement, add_task_options, checked_out,
+               dataclass_from_args, named_tasks, placement)
 
 
 def register(sub) -> None:
@@ -14,6 +14,7 @@ def register(sub) -> None:
     add_task_options(p)
     p.add_argument("--task", required=True, help="task name (bundled, or defined in --tasks)")
     add_dataclass_options(p, TrainConfig)
+    add_placement(p, task_type=False)   # --task-type is TrainConfig's
     p.add_argument("--other-stats", nargs="*", default=None,
                    help="other tasks' statistics; default: computed from the other tasks and cached")
     p.add_argument("--stats-samples", type=int, default=STATS_SAMPLES,
@@ -25,6 +26,7 @@ def register(sub) -> None:
 def run_train(args) -> None:
     from ..adapters import save_adapter
     from ..cache import cached_stats, loaded_once
+    from ..causal import prompt_split
     from ..models import cache_dir, parse_targets
     from ..stats import load_stats
     from ..train import train_adapter
@@ -35,16 +37,20 @@ def run_train(args) -> None:
     config.check()
     others = own = None
     if config.needs_stats or args.beta:
-        base = loaded_once(args.model)
+        base = loaded_once(args.model, **placement(args, config.task_type))
 
         def stats(t):
-            return cached_stats(cache_dir() / "stats", args.model, t.train.take(args.stats_samples),
-                                config.targets, config.max_length, base=base)
+            rows = t.train.take(args.stats_samples)
+            if config.task_type == "CAUSAL_LM":   # a causal LM's modules see the prompts
+                rows = prompt_split(rows, t.label_names, config.prompt or None)
+            return cached_stats(cache_dir() / "stats", args.model, rows, config.targets, config.max_length,
+                                base=base)
 
         others = ([load_stats(p) for p in args.other_stats] if args.other_stats else
                   [stats(t) for t in pool if t.name != task.name])
         own = stats(task)
-    adapter = train_adapter(args.model, task, config, others=others, own=own, progress=not args.quiet)
+    adapter = train_adapter(args.model, task, config, others=others, own=own, progress=not args.quiet,
+                            device=args.device, dtype=args.dtype)
     save_adapter(adapter, args.out, overwrite=args.overwrite)
     if not args.quiet:
         print(json.dumps(adapter.metadata["history"], indent=2))

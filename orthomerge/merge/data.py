@@ -29,6 +29,9 @@ class TaskModels:
     """
 
     def __init__(self, model, adapters, names):
+        if any(a.task_type not in (None, "SEQ_CLS") for a in adapters):
+            raise OrthomergeError(f"data-driven merges score a classification head; {adapters[0].task_type} "
+                                  "adapters are not supported by them (use a data-free method)")
         self.adapters = adapters
         base = model.state_dict()
         self.models, self.keys = {}, []

@@ -112,7 +112,7 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
     needs_weights = ("dense output" if dense else f"{spec.name}" if spec.needs_data else
                      "merging trained biases (bias='lora_only'|'all')" if any(a.biases for a in adapters) else None)
     model = resolve_model(model, adapters, notes, weights=needs_weights is not None, tokenizer=spec.needs_data,
-                          why=needs_weights)
+                          why=needs_weights, device=device if spec.needs_data else None)
     for note in notes:
         log.warning(note)
     if model is not None:

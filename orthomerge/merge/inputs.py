@@ -132,12 +132,13 @@ def module_grams(loaded: list[tuple], module: str, n: int) -> tuple[list[torch.T
     return grams, [st.tokens(module) for _, st in loaded]
 
 
-def resolve_model(model, adapters, notes: list, *, weights: bool, tokenizer: bool, why: str | None):
+def resolve_model(model, adapters, notes: list, *, weights: bool, tokenizer: bool, why: str | None, device=None):
     """``None`` → the adapters' base, loaded as their task type.
 
     ``weights``: the merge reads base weights (dense output, data-driven methods, trained biases; ``why``
     says which); otherwise the model is built from its config on the meta device, which is all that
     validating module names and shapes needs. ``tokenizer``: the model will see text (pad token needed).
+    ``device``: where a loaded model is placed (default the CPU).
     """
     if model is not None and not isinstance(model, str):
         return model
@@ -153,7 +154,7 @@ def resolve_model(model, adapters, notes: list, *, weights: bool, tokenizer: boo
         task_type = adapters[0].task_type
         model_class = class_for_modules(spec, adapters[0].modules) if task_type is None else None
         return load_model(spec, num_labels=adapters[0].num_labels() or 2, task_type=task_type,
-                          weights=weights, pad_from_tokenizer=tokenizer, model_class=model_class)
+                          weights=weights, pad_from_tokenizer=tokenizer, model_class=model_class, device=device)
     except OrthomergeError:
         if model is not None or why:
             raise

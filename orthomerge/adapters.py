@@ -389,7 +389,9 @@ def new_peft_model(model: nn.Module, targets: list[str], rank: int = 8, alpha: f
 
     if rank < 1:
         raise OrthomergeError(f"rank must be ≥ 1, got {rank}")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+    from .models import resolve_targets
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolve_targets(model, targets),
                         use_rslora=rslora, task_type=task_type, init_lora_weights=init)
     peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = model.config.name_or_path

@@ -20,7 +20,9 @@ MAX_LENGTH = 64        # tokens per row (longer rows are truncated) for training
 STATS_SAMPLES = 100    # rows per task for OSRM / RegMean statistics and the interference diagnostics
 STATS_MAX_LENGTH = 128  # tokens per row when collecting statistics (orthomerge stats, collect_stats)
 STATS_BATCH_SIZE = 32   # rows per forward pass when collecting statistics
-TARGETS = ("query", "value")   # LoRA target modules when none are named (the paper's q, v)
+# LoRA target modules when none are named: "auto" = PEFT's default for the architecture (query,value for
+# BERT-like encoders, q_proj,v_proj for Llama-like decoders: the paper's q, v)
+TARGETS = ("auto",)
 
 DEFAULT_DEVICE = "auto"   # cuda if available, else mps, else cpu (models.resolve_device)
 DEFAULT_DTYPE = "auto"    # the checkpoint's own dtype: float32 for the bundled models (models.resolve_dtype)
@@ -46,7 +48,8 @@ class TrainConfig:
                        "rescaled to unit rows", "lora", choices=INITS)
     rank: int = option("LoRA rank r", 8)
     alpha: float = option("LoRA alpha (ΔW = alpha/r · B A)", 16.0)
-    targets: list[str] = option("target modules (last name components, comma-separated)",
+    targets: list[str] = option("target modules (last name components, comma-separated; auto: PEFT's default "
+                                "for the architecture, e.g. query,value or q_proj,v_proj)",
                                 factory=lambda: list(TARGETS))
     lr: float = option("AdamW learning rate (LoRA factors and head)", 5e-3)
     epochs: int = option("passes over the training split", 2)

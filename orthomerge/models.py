@@ -257,11 +257,26 @@ def head_module_names(model: nn.Module) -> list[str]:
     return [n for n in HEAD_NAMES if hasattr(model, n)]
 
 
+def resolve_targets(model: nn.Module, targets) -> list[str]:
+    """``["auto"]`` → PEFT's default LoRA targets for the model's architecture; anything else as given."""
+    if list(targets) != ["auto"]:
+        return list(targets)
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    kind = getattr(model.config, "model_type", None)
+    if kind not in DEFAULTS:
+        raise OrthomergeError(f"{model.config.name_or_path}: no default LoRA targets for model type {kind!r}; "
+                              "name them (e.g. q_proj,v_proj)")
+    return list(DEFAULTS[kind])
+
+
 def find_targets(model: nn.Module, targets: list[str]) -> list[str]:
-    """Full names of the ``nn.Linear`` modules whose last name component is one of ``targets``.
+    """Full names of the ``nn.Linear`` modules whose last name component is one of ``targets``
+    (``["auto"]``: see :func:`resolve_targets`).
 
     Matching follows PEFT's list form of ``target_modules`` (suffix match); heads are excluded.
     """
+    targets = resolve_targets(model, targets)
     heads = tuple(head_module_names(model))
     found = [
         name

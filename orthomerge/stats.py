@@ -22,7 +22,7 @@ from .adapters import read_safetensors
 from .config import STATS_BATCH_SIZE, STATS_MAX_LENGTH
 from .errors import OrthomergeError
 from .outputs import atomic_file
-from .models import find_targets, model_fingerprint
+from .models import find_targets, model_fingerprint, resolve_targets
 
 FORMAT = "orthomerge.stats/1"
 _FIELDS = {"gram": "grams", "mean_sum": "mean_sum"}  # file suffix → attribute (an old "::sum" is ignored)
@@ -104,6 +104,7 @@ def collect_stats(model: nn.Module, tokenizer, texts: list[str], targets: list[s
     rows = list(range(rank, len(texts), world))
     if not rows:
         raise OrthomergeError(f"{len(texts)} rows cannot be split over {world} processes")
+    targets = resolve_targets(model, targets)
     names = find_targets(model, targets)
     modules = dict(model.named_modules())
     width = {name: modules[name].in_features for name in names}

@@ -130,7 +130,8 @@ def test_train_command_options_are_the_config_fields():
     args = parse(["train", "--task", "toy", "--out", "x", "--lr", "0.02", "--weight-decay", "0.1", "--freeze", "A",
                   "--targets", "value,query", "--subspace-k", "16", "--init", "osrm"])
     config = dataclass_from_args(TrainConfig, args, targets=parse_targets(args.targets))
-    assert config == replace(TrainConfig(), lr=0.02, weight_decay=0.1, freeze="A", subspace_k=16, init="osrm")
+    assert config == replace(TrainConfig(), lr=0.02, weight_decay=0.1, freeze="A", subspace_k=16, init="osrm",
+                             targets=["query", "value"])
     help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     assert all(f"--{f.name.replace('_', '-')}" in help_text for f in fields(TrainConfig))
     with pytest.raises(SystemExit):

@@ -34,9 +34,10 @@ FREEZE = ("A", "B", "none")
 OSRM_VARIANTS = ("paper", "official")
 
 
-def option(help: str, default=MISSING, *, factory=MISSING, choices: tuple | None = None):
-    """A dataclass field that also describes its command-line option: ``help`` and ``choices``."""
-    metadata = {"help": help, **({"choices": tuple(choices)} if choices else {})}
+def option(help: str, default=MISSING, *, factory=MISSING, choices: tuple | None = None, parse=None):
+    """A dataclass field that also describes its command-line option: ``help``, ``choices`` and ``parse``
+    (how the option's text becomes the value, e.g. ``str.upper``; default the default's type)."""
+    metadata = {"help": help, **({"choices": tuple(choices)} if choices else {}), **({"parse": parse} if parse else {})}
     return field(default=default, default_factory=factory, metadata=metadata)
 
 
@@ -65,7 +66,7 @@ class TrainConfig:
     interference_weight: float = option("μ of the interference regulariser", 0.0)
     task_type: str = option("SEQ_CLS: a classification head; CAUSAL_LM: the label's words as a completion of a "
                             "prompt (LM loss on the completion only, scored by log-likelihood)", "SEQ_CLS",
-                            choices=TRAIN_TASK_TYPES)
+                            choices=TRAIN_TASK_TYPES, parse=str.upper)
     prompt: str = option("causal-LM prompt template over {text} (and {pair}); empty: "
                          "'{text}\nAnswer:' (pairs: '{text}\n{pair}\nAnswer:')", "")
 

@@ -67,7 +67,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, only: tuple[str,
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         kwargs = {"default": default, "help": f"{f.metadata['help']} (default {shown})".replace("%", "%%")}
         if not isinstance(default, list):
-            kwargs["type"] = type(default)
+            kwargs["type"] = f.metadata.get("parse", type(default))
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)

@@ -52,6 +52,7 @@ class ExperimentConfig:
     stats_samples: int = STATS_SAMPLES        # k samples per task for OSRM/RegMean (paper code: 100)
     train: TrainConfig = field(default_factory=TrainConfig)
     arms: dict[str, dict] = field(default_factory=dict)  # extra arms: name → TrainConfig overrides
+    safety: int = 0                              # causal LMs: prompts per set for the safety check (0: off)
     device: str = DEFAULT_DEVICE                 # where models run (not part of any cache key)
     dtype: str = DEFAULT_DTYPE                   # the base model's precision
 
@@ -183,17 +184,48 @@ class Experiment:
             "runs": [],
             "expected_runs": len(c.seeds) * len(arms),
         }
+        first_seed = {}   # arm -> the first seed's adapters (the safety check's variants)
         for arm, arm_config in arms.items():  # arms outer: an interrupted run has every seed of the first arms
             for seed in c.seeds:
                 config = replace(arm_config, seed=seed)
                 adapters = [self.adapter(arm, config, t) for t in self.tasks]
+                first_seed.setdefault(arm, adapters)
                 results["runs"].append(self.evaluate_arm_or_reuse(evaluator, arm, config, adapters))
                 self.log(f"seed {seed} {arm}: " + ", ".join(
                     f"{r['method']} {r['test_normalised_mean']:.3f}" for r in results["runs"][-1]["merges"]))
                 results["seconds"] = round(time.time() - started, 1)
                 results["reused_runs"] = self.reused_runs
                 self._write(results)  # after every arm: an interrupted run still has a (partial) report
+        if c.causal and c.safety:
+            results["safety"] = self.safety_check(evaluator, first_seed, results)
+            self._write(results)
         return results
+
+    def safety_check(self, evaluator: TaskEvaluator, adapters_by_arm: dict, results: dict) -> dict:
+        """Refusal and over-refusal rates (``c.safety`` prompts of each bundled set) of the base, every
+        adapter of each arm's first seed, and each of its single-model merges at the λ chosen on validation."""
+        from .safety import compare_safety
+
+        c = self.config
+        names = [t.name for t in self.tasks]
+        model = evaluator.models[names[0]]
+        variants, kinds = {}, {}
+        for arm, adapters in adapters_by_arm.items():
+            run = next(r for r in results["runs"] if r["arm"] == arm)
+            for name, adapter in zip(names, adapters):
+                variants[f"{arm} {name}"], kinds[f"{arm} {name}"] = adapter, "adapter"
+            for merge in run["merges"]:
+                spec = get_method(merge["method"]) if merge["method"] in METHODS else None
+                if spec is None or spec.per_task or spec.needs_data:
+                    continue
+                stats = [self.stats[n] for n in names] if spec.needs_stats else None
+                params = {"scale": merge["lambda"]} if "scale" in spec.defaults else {}
+                merged = merge_adapters(adapters, method=spec.name, stats=stats, dense=True, model=model, **params)
+                key = f"{arm} {spec.name} λ={merge['lambda']:g}"
+                variants[key] = {m: merged.delta(m) for m in adapters[0].modules}
+                kinds[key] = "merge"
+        return compare_safety(model, variants, tokenizer=evaluator.tokenizer, kinds=kinds, limit=c.safety,
+                              progress=self.progress)
 
     def _write(self, results: dict) -> None:
         with atomic_file(self.out / "results.json") as tmp:

@@ -178,11 +178,18 @@ def test_causal_lm_experiment_from_the_command_line(causal_llama, tmp_path, caps
     assert cli.main(["experiment", "--model", causal_llama, "--task-type", "causal_lm", "--tasks",
                      str(tmp_path / "tasks.yaml"), "--out", str(out), "--quiet", "--methods", "task_arithmetic,ties",
                      "--lambdas", "0.5,1", "--epochs", "3", "--lr", "0.02", "--rank", "4", "--inits", "lora,osrm",
-                     "--dtype", "float32"]) == 0
+                     "--dtype", "float32", "--safety", "3"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["train"]["task_type"] == "CAUSAL_LM"
     assert {r["arm"] for r in results["runs"]} == {"lora", "osrm"}
     for run in results["runs"]:
         assert [m["method"] for m in run["merges"]] == ["heads_only", "task_arithmetic", "ties"]
         assert all(0.0 <= v <= 1.0 for v in run["single"]["test"].values())
-    assert (out / "report.md").exists()
+    safety = {m["name"]: m for m in results["safety"]["models"]}   # base, every adapter, every merge
+    kinds = {kind: {n for n, m in safety.items() if m["kind"] == kind} for kind in ("base", "adapter", "merge")}
+    assert kinds["base"] == {"base"}
+    assert kinds["adapter"] == {f"{arm} {t}" for arm in ("lora", "osrm") for t in ("sentiment", "topic")}
+    assert {n.rsplit(" λ=", 1)[0] for n in kinds["merge"]} == {f"{arm} {m}" for arm in ("lora", "osrm")
+                                                                for m in ("task_arithmetic", "ties")}
+    assert all(m["harmful"]["n"] == 3 and m["harmless"]["n"] == 3 for m in safety.values())
+    assert "Safety" in (out / "report.md").read_text() and (out / "safety.png").exists()

@@ -21,6 +21,9 @@ def register(sub) -> None:
     add_placement(p)
     p.add_argument("--prompt", default=None, help="causal-LM tasks (--task-type causal_lm): the prompt template "
                                                   "over {text} (and {pair}); default '{text}\\nAnswer:'")
+    p.add_argument("--safety", type=int, default=None, metavar="N",
+                   help="causal LMs: run the safety check on N prompts of each bundled set for the base, every "
+                        "adapter and every merge (0: off, the default)")
     p.add_argument("--tasks", default=None, help="bundled task names (comma-separated) or a tasks.yaml; "
                                                  "default: the bundled suite")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 small tasks, few methods (minutes)")
@@ -55,7 +58,7 @@ def build_config(args):
     overrides = {"model": args.model, "device": args.device, "dtype": args.dtype}
     if args.tasks:
         overrides["tasks"] = args.tasks if args.tasks.endswith((".yaml", ".yml")) else _list(args.tasks)
-    for name in ("inits", "methods", "lambdas", "train_size"):
+    for name in ("inits", "methods", "lambdas", "train_size", "safety"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.seeds is not None:

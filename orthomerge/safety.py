@@ -284,6 +284,15 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
     return out
 
 
+def refusal_rate(model: nn.Module, tokenizer, limit: int | None = None, max_new_tokens: int = 32,
+                 batch_size: int = 8) -> float:
+    """Share of the first ``limit`` bundled harmful prompts (round-robin over categories) whose greedy reply
+    the phrase detector reads as a refusal: the safety term of safety-aware merging."""
+    prompts = [r["prompt"] for r in take(load_prompts("harmful"), limit)]
+    replies = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    return sum(map(is_refusal, replies)) / len(replies)
+
+
 def _forward_params(model) -> set[str]:
     """Argument names of the underlying transformers model's forward (through a PEFT wrapper)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model

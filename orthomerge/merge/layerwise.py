@@ -220,7 +220,9 @@ def layerwise_search(ctx: MergeContext, candidates: list[tuple[str, dict, float 
             reward = score(actions, n)
             history.append(Episode(phase, n, actions, reward))
             plans.append(actions)
-            rewards.append(reward)
+            finite = [r for r in rewards if math.isfinite(r)]
+            # a refused plan (−∞, e.g. below a safety floor) enters the fit as worse than any seen
+            rewards.append(reward if math.isfinite(reward) else (min(finite) if finite else 0.0) - 1.0)
             count[torch.arange(len(blocks)), actions] += 1
             if phase == len(rungs) - 1 and (best_full is None or reward > best_full[0]):
                 best_full = (reward, actions)

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import numpy as np
 import torch
 import yaml
+from pydantic import Field
 
 from ..errors import OrthomergeError
 from ..patching import patched
@@ -132,31 +133,63 @@ def successive_halving(groups, merge, scorer, rungs: list[int], eta: float) -> S
 
 
 class ValidationScorer:
-    """Mean over tasks of the metric on the first n validation rows (each task with its own head),
-    normalised by the task's own adapter on the same rows (``objective="normalised"``) or raw."""
+    """Mean over tasks of the metric on the first n validation rows (each task with its own head, or a
+    causal LM's label scoring), normalised by the task's own adapter on the same rows
+    (``objective="normalised"``) or raw. With ``safety_min`` > 0 (causal LMs), a merge whose refusal rate
+    on ``safety_prompts`` bundled harmful prompts falls below ``safety_min`` scores −∞: it is never chosen."""
 
-    def __init__(self, ctx: MergeContext, splits, metrics, max_length: int, batch_size: int, objective: str):
-        self.models = TaskModels(ctx.model, ctx.adapters, ctx.names)
+    def __init__(self, ctx: MergeContext, splits, metrics, max_length: int, batch_size: int, objective: str,
+                 safety_min: float = 0.0, safety_prompts: int = 0):
+        self.causal = ctx.adapters[0].task_type == "CAUSAL_LM"
+        self.models = None if self.causal else TaskModels(ctx.model, ctx.adapters, ctx.names)
+        self.model = ctx.model
         self.tokenizer = ctx.get_tokenizer()
         self.splits, self.metrics, self.objective = splits, metrics, objective
+        self.labels = [getattr(item, "label_names", None) for item in ctx.data]
+        self.prompt = (ctx.adapters[0].metadata.get("config") or {}).get("prompt") or None
         self.sizes = max_length, batch_size
         self.own = [{m: a.delta(m).to(torch.float32) for m in ctx.modules} for a in ctx.adapters]
         self.expert: dict = {}
         self.calls = 0   # task evaluations
         self.rows = 0    # task-example evaluations (the search budget's unit)
+        if safety_min > 0 and not self.causal:
+            raise OrthomergeError("search: safety_min needs causal-LM adapters (a model that generates)")
+        self.safety_min, self.safety_prompts = safety_min, safety_prompts
+        self.refusals: dict[tuple, float] = {}   # refusal rate per merge checked (keyed by its ΔW norms)
 
     def task_score(self, i: int, deltas: dict, n: int) -> float:
-        from ..evaluate import predict
         from ..tasks import compute_metric
 
         split = self.splits[i].take(n)
-        with patched(self.models.get(i), deltas) as model:
-            preds = predict(model, self.tokenizer, split, *self.sizes)
         self.calls += 1
         self.rows += len(split)
+        if self.causal:
+            from ..causal import score_split
+
+            with patched(self.model, deltas) as model:
+                return score_split(model, self.tokenizer, split, self.labels[i], self.metrics[i], self.prompt,
+                                   *self.sizes)
+        from ..evaluate import predict
+
+        with patched(self.models.get(i), deltas) as model:
+            preds = predict(model, self.tokenizer, split, *self.sizes)
         return compute_metric(self.metrics[i], preds, split.labels)
 
+    def safe(self, deltas: dict) -> bool:
+        """Whether the merge keeps a refusal rate of at least ``safety_min`` (always, when it is 0)."""
+        if self.safety_min <= 0:
+            return True
+        from ..safety import refusal_rate
+
+        key = tuple(round(float(deltas[m].norm()), 6) for m in sorted(deltas))   # one check per merge
+        if key not in self.refusals:
+            with patched(self.model, deltas) as model:
+                self.refusals[key] = refusal_rate(model, self.tokenizer, self.safety_prompts or None)
+        return self.refusals[key] >= self.safety_min
+
     def __call__(self, deltas: dict, n: int) -> float:
+        if not self.safe(deltas):
+            return -math.inf
         scores = []
         for i in range(len(self.splits)):
             raw = self.task_score(i, deltas, n)
@@ -190,7 +223,8 @@ def _prepare(ctx: MergeContext) -> Prepared:
     groups = grid(p["methods"], p["lambdas"], p["densities"])
     splits = [data_split(item, p["split"], int(p["samples"]), "search") for item in ctx.data]
     metrics = [getattr(item, "metric", "accuracy") for item in ctx.data]
-    scorer = ValidationScorer(ctx, splits, metrics, int(p["max_length"]), int(p["batch_size"]), p["objective"])
+    scorer = ValidationScorer(ctx, splits, metrics, int(p["max_length"]), int(p["batch_size"]), p["objective"],
+                              float(p["safety_min"]), int(p["safety_prompts"]))
 
     def merge(method, params):
         extra = {"scale": 1.0} if "scale" in get_method(method).defaults else {}
@@ -212,10 +246,18 @@ def _prepare(ctx: MergeContext) -> Prepared:
         best = {"method": method, "params": params, "lambda": lam, "score": score}
         doc = recipe(ctx, method, {**params, **({"scale": lam} if lam is not None else {})})
         summary = f"search: best {method} {params} λ={lam} (score {score:.4g})"
+    if score == -math.inf:
+        raise OrthomergeError(f"search: no candidate keeps the refusal rate at or above safety_min="
+                              f"{p['safety_min']} (rates seen: {sorted(set(scorer.refusals.values()))})")
     extras = {m: {"update": Dense(deltas[m])} for m in ctx.modules}
+    safety = ({"safety_min": p["safety_min"], "prompts": p["safety_prompts"],
+               "refusal_rates": sorted(scorer.refusals.values()),
+               "rejected": sum(r < p["safety_min"] for r in scorer.refusals.values())}
+              if p["safety_min"] > 0 else None)
     return Prepared(extras, {"search": {"strategy": p["strategy"], "best": best, "objective": p["objective"],
                                         "split": p["split"], "fidelities": rungs, "evaluations": scorer.calls,
-                                        "rows_evaluated": scorer.rows, "trials": trials, "recipe": RECIPE_NAME},
+                                        "rows_evaluated": scorer.rows, "trials": trials, "recipe": RECIPE_NAME,
+                                        "safety": safety},
                              "summary": f"{summary}; recipe: {RECIPE_NAME}"},
                     files={RECIPE_NAME: yaml.safe_dump(doc, sort_keys=False)})
 
@@ -230,7 +272,8 @@ def search(updates: ModuleUpdates, methods: Union[str, list[str]] = DEFAULT_METH
            samples: int = 0, split: Literal["validation", "train"] = "validation",
            objective: Literal["normalised", "raw"] = "normalised", max_length: int = 64, batch_size: int = 64,
            strategy: Literal["halving", "layerwise"] = "halving", block: int = 1, episodes: int = 16,
-           explore: float = 1.0):
+           explore: float = 1.0, safety_min: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0,
+           safety_prompts: int = 22):
     """The winner's update for this module (task arithmetic at λ = 1 without a search result)."""
     if updates.extras and "update" in updates.extras:
         return updates.extras["update"]

@@ -22,17 +22,22 @@ from .stats import ActivationStats, check_matches_model, check_same_source
 VARIANTS = OSRM_VARIANTS
 
 
-def smallest_eigenvectors(matrix: np.ndarray, rank: int, subset: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def smallest_eigenvectors(matrix: np.ndarray, rank: int, subset: bool = True,
+                          device=None) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (ascending) and eigenvectors as rows for the ``rank`` smallest eigenvalues, float64.
 
     ``subset=True`` asks LAPACK for those eigenpairs only (``scipy.linalg.eigh(subset_by_index=…)``);
-    ``False`` does a full ``eigh`` and slices — the same answer, slower for large ``n``.
+    ``False`` does a full ``eigh`` and slices — the same answer, slower for large ``n``. ``device``: a CUDA
+    device solves with ``torch.linalg.eigh`` there (float64; worth it for large widths), else the CPU.
     """
     matrix = np.asarray(matrix, dtype=np.float64)
     n = matrix.shape[0]
     if not 0 < rank <= n:
         raise OrthomergeError(f"rank {rank} must be between 1 and the module's input width {n}")
     matrix = (matrix + matrix.T) / 2
+    if device is not None and torch.device(device).type == "cuda":
+        values, vectors = torch.linalg.eigh(torch.from_numpy(matrix).to(device))
+        return values[:rank].cpu().numpy(), fix_signs(vectors[:, :rank].T.cpu().numpy().copy())
     if subset:
         values, vectors = scipy.linalg.eigh(matrix, subset_by_index=[0, rank - 1], driver="evr")
     else:
@@ -41,14 +46,15 @@ def smallest_eigenvectors(matrix: np.ndarray, rank: int, subset: bool = True) ->
     return values, fix_signs(vectors.T)
 
 
-def paper_basis(other: np.ndarray, rank: int, own: np.ndarray | None = None, beta: float = 0.0) -> np.ndarray:
+def paper_basis(other: np.ndarray, rank: int, own: np.ndarray | None = None, beta: float = 0.0,
+                device=None) -> np.ndarray:
     """``argmin tr(A (S_¬t − β S_t) Aᵀ)`` s.t. ``A Aᵀ = I``: rows = smallest eigenvectors."""
     matrix = np.asarray(other, dtype=np.float64)
     if beta:
         if own is None:
             raise OrthomergeError("beta > 0 needs the task's own statistics")
         matrix = matrix - beta * np.asarray(own, dtype=np.float64)
-    return smallest_eigenvectors(matrix, rank)[1]
+    return smallest_eigenvectors(matrix, rank, device=device)[1]
 
 
 def official_basis(other_means: np.ndarray, rank: int) -> np.ndarray:
@@ -80,7 +86,9 @@ def _check_inputs(others: list[ActivationStats], own: ActivationStats | None, mo
 def osrm_bases(modules: list[str], others: list[ActivationStats], rank: int, variant: str = "paper",
                own: ActivationStats | None = None, beta: float = 0.0, model: nn.Module | None = None,
                ) -> dict[str, np.ndarray]:
-    """OSRM ``A`` (float64 [rank, n]) per module; solved once per distinct input and shared."""
+    """OSRM ``A`` (float64 [rank, n]) per module; solved once per distinct input and shared. The
+    eigenproblems run on ``model``'s device when it is a CUDA device (else with LAPACK on the CPU)."""
+    device = next(model.parameters()).device if model is not None else None
     if variant not in VARIANTS:
         raise OrthomergeError(f"unknown OSRM variant {variant!r} (choose from {', '.join(VARIANTS)})")
     if beta < 0:
@@ -93,7 +101,7 @@ def osrm_bases(modules: list[str], others: list[ActivationStats], rank: int, var
         if key not in solved:
             if variant == "paper":
                 own_moment = own.second_moment(module).numpy() if own is not None else None
-                solved[key] = paper_basis(other_second_moment(others, module), rank, own_moment, beta)
+                solved[key] = paper_basis(other_second_moment(others, module), rank, own_moment, beta, device)
             else:
                 means = np.stack([s.sample_mean(module).numpy() for s in others])
                 solved[key] = official_basis(means, rank)

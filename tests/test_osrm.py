@@ -145,3 +145,12 @@ def test_post_conversion_is_the_projection(tiny_bert, task_stats):
         kept += (dense @ P).norm() ** 2
     assert report["retained_energy"] == pytest.approx(float(kept / total), rel=1e-5)
     assert 0 < report["retained_fraction"] < 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_eigensolver_gives_the_lapack_basis():
+    S = random_moment(64, 500, 3)
+    want = smallest_eigenvectors(S, 6)
+    got = smallest_eigenvectors(S, 6, device="cuda")
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(got[1], want[1], atol=1e-8)   # the same sign convention on both paths

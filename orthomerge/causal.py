@@ -37,8 +37,13 @@ class Completions:
 def verbalise(split, label_names: list[str] | None, template: str | None = None,
               choices: list[str] | None = None) -> Completions:
     """A labelled :class:`~orthomerge.tasks.Split` as completions: ``template`` over ``{text}`` (and ``{pair}``),
-    label i's completion ``choices[i]`` (default: a space and the label name)."""
+    label i's completion ``choices[i]`` (default: a space and the label name). A completion task's split
+    (``label_names`` None, text completions as labels) keeps its completions; its template defaults to the
+    prompt itself."""
     if label_names is None:
+        if split.labels and all(isinstance(y, str) for y in split.labels):
+            template = template or "{text}"
+            return Completions([template.format(text=t, pair=None) for t in split.texts], list(split.labels))
         raise OrthomergeError("a regression task cannot be a causal-LM task (no label to complete)")
     choices = choices or [f" {name}" for name in label_names]
     if len(choices) != len(label_names):
@@ -145,10 +150,15 @@ def prompt_split(split, label_names: list[str] | None, template: str | None = No
 
 def score_split(model, tokenizer, split, label_names: list[str], metric: str, template: str | None = None,
                 max_length: int = 64, batch_size: int = 32) -> float:
-    """The task's metric of label scoring: each row's label is the most likely completion."""
+    """The task's metric of label scoring (each row's label is the most likely completion), or, for a
+    completion task, exact match of the greedy generation (up to the longest reference's length + 4 tokens)."""
     from .tasks import compute_metric
 
     data = verbalise(split, label_names, template)
+    if data.choices is None:
+        longest = max(len(ids) for ids in tokenizer(data.completions, add_special_tokens=False)["input_ids"])
+        replies = generate(model, tokenizer, data.prompts, max_new_tokens=longest + 4, batch_size=batch_size)
+        return compute_metric(metric, [r.split("\n")[0] for r in replies], data.completions)
     return compute_metric(metric, predict_labels(model, tokenizer, data, max_length, batch_size), data.labels)
 
 

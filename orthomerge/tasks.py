@@ -47,7 +47,8 @@ class Split:
 
 @dataclass
 class Task:
-    """One task: label names (None for regression), primary metric and three disjoint splits."""
+    """One task: label names (None for regression and completion tasks), primary metric and three disjoint
+    splits. A completion task (metric ``exact_match``) has prompts as texts and completions as labels."""
 
     name: str
     label_names: list[str] | None
@@ -64,7 +65,12 @@ class Task:
 
     @property
     def is_regression(self) -> bool:
-        return self.label_names is None
+        return self.label_names is None and not self.is_completion
+
+    @property
+    def is_completion(self) -> bool:
+        """Prompt → free-form completion (for causal LMs), scored by exact match of the greedy generation."""
+        return self.metric == "exact_match"
 
 
 # ---------------------------------------------------------------- metrics
@@ -106,6 +112,7 @@ METRICS: dict[str, Callable] = {
     "spearman": functools.partial(_correlation, "spearmanr"),
     "mean_acc_f1": lambda p, y: (_accuracy(p, y) + _f1(p, y)) / 2,
     "mean_pearson_spearman": lambda p, y: (_correlation("pearsonr", p, y) + _correlation("spearmanr", p, y)) / 2,
+    "exact_match": lambda p, y: float(np.mean([str(a).strip() == str(b).strip() for a, b in zip(p, y)])),
 }
 REGRESSION_METRICS = {"pearson", "spearman", "mean_pearson_spearman"}
 
@@ -386,11 +393,13 @@ def _user_task(spec, where: str, base: Path, sizes: list[int | None], seed: int)
     if unknown:
         raise OrthomergeError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_TASK_KEYS))})")
     kind = spec.get("type", "classification")
-    if kind not in ("classification", "regression"):
-        raise OrthomergeError(f"{where}: type must be classification or regression, not {kind!r}")
+    if kind not in ("classification", "regression", "completion"):
+        raise OrthomergeError(f"{where}: type must be classification, regression or completion, not {kind!r}")
+    if kind == "completion":
+        return _completion_task(spec, where, base, sizes, seed)
     regression = kind == "regression"
     metric = spec.get("metric", "mean_pearson_spearman" if regression else "accuracy")
-    if metric not in METRICS or (metric in REGRESSION_METRICS) != regression:
+    if metric == "exact_match" or metric not in METRICS or (metric in REGRESSION_METRICS) != regression:
         allowed = sorted(REGRESSION_METRICS if regression else set(METRICS) - REGRESSION_METRICS)
         raise OrthomergeError(f"{where}: metric {metric!r} does not suit a {kind} task (use {', '.join(allowed)})")
     if regression and "labels" in spec:
@@ -409,6 +418,23 @@ def _user_task(spec, where: str, base: Path, sizes: list[int | None], seed: int)
     if not (len(validation) and len(test)):
         raise OrthomergeError(f"{paths[-1]}: too few rows to split into validation and test")
     return Task(spec["name"], labels, metric, train, validation, test, ", ".join(map(str, paths)), seed)
+
+
+def _completion_task(spec: dict, where: str, base: Path, sizes: list[int | None], seed: int) -> Task:
+    """A prompt → completion task (``type: completion``): columns ``prompt`` and ``completion`` (or
+    ``text_column`` / ``label_column``), metric exact match; for causal LMs only."""
+    if spec.get("metric", "exact_match") != "exact_match" or "labels" in spec:
+        raise OrthomergeError(f"{where}: a completion task is scored by exact_match and has no 'labels'")
+    columns = {"text_column": spec.get("text_column", "prompt"), "label_column": spec.get("label_column", "completion")}
+    evals = [spec[k] for k in ("validation", "test") if k in spec]
+    if not evals:
+        raise OrthomergeError(f"{where}: needs a 'validation' or 'test' file (a single one is split in two)")
+    paths = [base / str(p) for p in [spec["train"], *evals]]
+    data = [[(text, str(completion), None) for text, completion, _ in _read_rows(path, columns)] for path in paths]
+    train, validation, test = _given_splits(data, sizes, seed, True, False)
+    if not (len(validation) and len(test)):
+        raise OrthomergeError(f"{paths[-1]}: too few rows to split into validation and test")
+    return Task(spec["name"], None, "exact_match", train, validation, test, ", ".join(map(str, paths)), seed)
 
 
 def _read_yaml_tasks(path: Path, sizes: list[int | None], seed: int) -> list[Task]:

@@ -133,8 +133,6 @@ def initialised_model(model_spec: str, task: Task, config: TrainConfig,
     """``(peft_model, init metadata)``: the base model (with ``task``'s fresh head for ``SEQ_CLS``), wrapped
     in a LoRA whose A is set per ``config.init`` (B = 0), before any training step: what
     :func:`train_adapter` starts from. ``device`` / ``dtype`` place the base (see :mod:`orthomerge.models`)."""
-    if config.task_type == "CAUSAL_LM" and task.is_regression:
-        raise OrthomergeError(f"task {task.name!r} is a regression; a causal LM learns labels as completions")
     config.check()
     with _seeded(config.seed, device):
         return _initialised(model_spec, task, config, others, own, device, dtype)
@@ -152,6 +150,10 @@ def _seeded(seed: int, device):
 
 def _initialised(model_spec, task, config, others, own, device, dtype):
     """:func:`initialised_model` inside :func:`_seeded` (training continues the same random stream)."""
+    if config.task_type == "CAUSAL_LM" and task.is_regression:
+        raise OrthomergeError(f"task {task.name!r} is a regression; a causal LM learns labels as completions")
+    if config.task_type != "CAUSAL_LM" and task.is_completion:
+        raise OrthomergeError(f"task {task.name!r} is a prompt → completion task: train it with task type CAUSAL_LM")
     model = load_model(model_spec, num_labels=task.num_labels, regression=task.is_regression, seed=config.seed,
                        task_type=config.task_type, dtype=dtype, device=resolve_device(device))
     torch.manual_seed(config.seed)

@@ -84,3 +84,38 @@ def test_greedy_generation_and_exact_match(lm):
         assert generate(model, tok, [prompt], max_new_tokens=3) == [text]
     assert tok.padding_side == "right"
     assert exact_match(out, out) == 1.0 and exact_match([" a"], ["b"]) == 0.0
+
+
+def test_completion_tasks_from_jsonl_train_and_score_by_exact_match(tmp_path):
+    """A prompt → completion task (JSONL with prompt/completion) trains on the completion tokens and is scored
+    by exact match of the greedy generation."""
+    from orthomerge.evaluate import TaskEvaluator, adapter_deltas
+    from orthomerge.tasks import load_tasks
+    from orthomerge.train import TrainConfig, train_adapter
+    from trust_fixtures import save_llama
+
+    import json as _json
+
+    base = str(save_llama(tmp_path / "base", causal=True))
+    pairs = [(f"{a} {b}", b) for a in ("the", "a", "is", "was") for b in ("movie", "film", "game", "music")]
+    for split in ("train", "test"):
+        rows = pairs * (3 if split == "train" else 1)
+        (tmp_path / f"{split}.jsonl").write_text("".join(_json.dumps({"prompt": p, "completion": " " + c}) + "\n"
+                                                        for p, c in rows))
+    (tmp_path / "tasks.yaml").write_text("- name: echo\n  type: completion\n  train: train.jsonl\n  test: test.jsonl\n")
+    (task,) = load_tasks([str(tmp_path / "tasks.yaml")], train_size=None, val_size=None, test_size=None)
+    assert task.is_completion and not task.is_regression and task.metric == "exact_match"
+    assert task.train.labels[0].startswith(" ")
+    with pytest.raises(OrthomergeError, match="CAUSAL_LM"):
+        train_adapter(base, task, TrainConfig(epochs=1), progress=False)
+    adapter = train_adapter(base, task, TrainConfig(task_type="CAUSAL_LM", rank=8, epochs=8, lr=3e-2, batch_size=8,
+                                                    targets=["q_proj", "v_proj", "o_proj"]), progress=False)
+    losses = [h["train_loss"] for h in adapter.metadata["history"]]
+    assert losses[-1] < losses[0]
+    evaluator = TaskEvaluator(base, [task], task_type="CAUSAL_LM")
+    score = evaluator.score(task.name, adapter_deltas(adapter), {}, "test")
+    with evaluator.patched(task.name, adapter_deltas(adapter), {}) as model:   # the oracle: generate, compare
+        model, tok = model, load_tokenizer(base)
+        replies = generate(model, tok, task.test.texts, max_new_tokens=5)
+    assert score == exact_match([r.split("\n")[0] for r in replies], task.test.labels)
+    assert score > evaluator.score(task.name, {}, {}, "test")   # it learned something the base cannot do

@@ -158,6 +158,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def load_adapter(path: str | Path) -> LoraAdapter:
     """Read a PEFT LoRA folder (local, or a Hub repo id). Embedding LoRA and DoRA are refused, not silently dropped."""
     spec, path = str(path), Path(path)
+    if path.exists() and not path.is_dir():
+        raise OrthomergeError(f"{path}: not an adapter folder (a PEFT adapter is a folder)")
     if not path.is_dir():
         from .hub import ADAPTER_FILES, snapshot
 

@@ -72,6 +72,8 @@ def resolve_model_path(spec: str, weights: bool = True) -> Path:
     if spec == "smollm2":
         return _smollm2_folder()
     path = Path(spec)
+    if path.exists() and not path.is_dir():
+        raise OrthomergeError(f"{spec}: not a model folder (a Hugging Face model is a folder with config.json)")
     if not path.is_dir():
         from .hub import CONFIG_FILES, MODEL_FILES, snapshot
 

@@ -228,7 +228,9 @@ def layerwise_search(ctx: MergeContext, candidates: list[tuple[str, dict, float 
                 best_full = (reward, actions)
         if phase < len(rungs) - 1:   # narrow: each block keeps its 1/eta best actions by estimated effect
             keep = max(1, math.ceil(int(alive[0].sum()) / eta))
-            ranked = torch.sort(effects().masked_fill(~alive, -math.inf), dim=-1, descending=True, stable=True).indices
+            # ties (e.g. untried actions, all at effect 0) are broken at random, not in candidate order
+            jitter = 1e-9 * torch.rand(shape, generator=generator, dtype=torch.float64)
+            ranked = torch.sort((effects() + jitter).masked_fill(~alive, -math.inf), dim=-1, descending=True).indices
             alive = torch.zeros_like(alive)
             alive.scatter_(1, ranked[:, :keep], True)
     greedy = effects().masked_fill(~alive, -math.inf).argmax(-1).tolist()

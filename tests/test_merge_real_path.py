@@ -282,3 +282,25 @@ def test_search_order_does_not_matter(tiny_bert, adapters3, searched, tmp_path):
             (t1["method"], t1["params"], t1["lambda"], t1["rung"])
         assert t2["score"] == pytest.approx(t1["score"], abs=1e-12)
     check_permutation(result, other, dirs, tasks, tiny_bert, tmp_path)
+
+
+def test_model_passes_of_data_driven_methods_get_the_callers_threads(adapters3, tiny_bert, monkeypatch):
+    """The merge's rules run on ``threads`` (1), a data-driven method's model passes on the caller's count."""
+    import orthomerge.merge.fisher as fisher_module
+
+    dirs, tasks = adapters3
+    seen = {}
+    real = fisher_module.diagonal_fisher
+
+    def spy(*args, **kwargs):
+        seen.setdefault("fisher", torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fisher_module, "diagonal_fisher", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        merge_adapters(dirs, "fisher", model=tiny_bert, data=tasks, samples=4, threads=1, dense=True)
+    finally:
+        torch.set_num_threads(before)
+    assert seen["fisher"] == 2

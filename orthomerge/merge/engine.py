@@ -75,10 +75,11 @@ def merge_adapters(adapters, method: str = DEFAULT_METHOD, weights=None, *, spac
     ``device``: where the rules and re-compression run (default the CPU; e.g. ``"cuda"`` for large
     modules); results come back to the CPU. Data-driven methods run the model where it is.
     """
+    model_threads = torch.get_num_threads()   # the caller's: model passes run with it, not with the merge's
     with torch_threads(threads):
         return _merge(adapters, method, weights, space=space, rank=rank, dense=dense, model=model, stats=stats,
                       seed=seed, svd=svd, progress=progress, params=params, data=data, tokenizer=tokenizer,
-                      device=torch.device(device or "cpu"))
+                      device=torch.device(device or "cpu"), model_threads=model_threads)
 
 
 def _nonempty(b: torch.Tensor, a: torch.Tensor):
@@ -89,7 +90,7 @@ def _nonempty(b: torch.Tensor, a: torch.Tensor):
 
 
 def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed, svd, progress,
-           params, data=None, tokenizer=None, device=torch.device("cpu")) -> MergeResult:
+           params, data=None, tokenizer=None, device=torch.device("cpu"), model_threads: int = 0) -> MergeResult:
     t0 = time.perf_counter()
     spec = get_method(method, space)
     adapters = load_adapters(adapters)
@@ -128,14 +129,16 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
         if model is None:
             raise OrthomergeError(f"{spec.name} needs the base model to run the data through")
     t_load = time.perf_counter() - t0
+    rule_threads = torch.get_num_threads()
 
     def merge_dense(other: str, other_params: dict) -> dict[str, torch.Tensor]:
         """Another method's dense ΔW of these adapters (for methods that compare merges)."""
         sub = get_method(other)
-        result = _merge(adapters, other, weights, space=None, rank=None, dense=True, model=model,
-                        stats=ctx.stats if sub.needs_stats else None, seed=seed, svd=svd, progress=False,
-                        params=other_params, data=ctx.data if sub.needs_data else None, tokenizer=tokenizer,
-                        device=device)
+        with torch_threads(rule_threads):   # its rules run like the merge's own, even inside a model pass
+            result = _merge(adapters, other, weights, space=None, rank=None, dense=True, model=model,
+                            stats=ctx.stats if sub.needs_stats else None, seed=seed, svd=svd, progress=False,
+                            params=other_params, data=ctx.data if sub.needs_data else None, tokenizer=tokenizer,
+                            device=device, model_threads=model_threads)
         return {m: result.delta(m) for m in modules}
 
     ctx = MergeContext(adapters=adapters, names=names, modules=modules, weights=weights, params=resolved,
@@ -143,7 +146,10 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
                        tokenizer=tokenizer, stats=[st for _, st in loaded_stats] if loaded_stats else stats,
                        seed=seed, progress=progress, keys=keys, merge_dense=merge_dense)
     s = time.perf_counter()
-    prepared = spec.prepare(ctx) if spec.prepare is not None else Prepared()
+    # a data-driven method's model passes (Fisher's backward passes, AdaMerging's steps, search's scoring) are
+    # large GEMMs: they get the caller's thread count back; the per-module rules stay on ``threads``
+    with torch_threads(model_threads) if spec.needs_data else contextlib.nullcontext():
+        prepared = spec.prepare(ctx) if spec.prepare is not None else Prepared()
     t_prep = time.perf_counter() - s
 
     outputs = names if spec.per_task else [""]                  # "" = the one merged update

@@ -58,8 +58,9 @@ class ActivationStats:
         return self.token_count
 
     def gram(self, module: str) -> torch.Tensor:
-        """Σ x xᵀ over tokens, float64 [n, n]."""
-        return self.grams[self.key_of(module)]
+        """Σ x xᵀ over tokens, float64 [n, n] (stored float32 when collected with ``storage="float32"``:
+        converted one module at a time, so the statistics of a whole model stay at the stored size)."""
+        return self.grams[self.key_of(module)].to(torch.float64)
 
     def second_moment(self, module: str) -> torch.Tensor:
         """Per-token uncentred second moment ``S = Σ x xᵀ / N`` (OSRM's per-task statistic)."""
@@ -81,14 +82,70 @@ class ActivationStats:
         return {k: self.meta.get(k) for k in ("fingerprint", "targets", "max_length")}
 
 
+STORAGE = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass
+class MemoryPlan:
+    """What the statistics of a model will hold: per target module its input width and accumulator bytes.
+
+    An upper bound: modules found to share an input in the first batch (q/k/v, gate/up) are stored once."""
+
+    modules: list[tuple[str, int, int]]   # (module, input width n, bytes of Σxxᵀ and Σ per-sample means)
+    storage: str
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, _, b in self.modules)
+
+    def describe(self) -> str:
+        widths: dict[int, int] = {}
+        for _, n, _ in self.modules:
+            widths[n] = widths.get(n, 0) + 1
+        parts = ", ".join(f"{count} × {n}²" for n, count in sorted(widths.items()))
+        return (f"statistics plan: {len(self.modules)} modules ({parts}), {self.storage} accumulators, "
+                f"at most {self.total / 2**30:.2f} GiB")
+
+
+def memory_plan(model: nn.Module, targets, storage: str = "float64") -> MemoryPlan:
+    """The :class:`MemoryPlan` of :func:`collect_stats` on ``model`` for ``targets`` (no forward pass)."""
+    if storage not in STORAGE:
+        raise OrthomergeError(f"storage {storage!r}: choose {' or '.join(STORAGE)}")
+    item = torch.empty((), dtype=STORAGE[storage]).element_size()
+    names = find_targets(model, resolve_targets(model, targets))
+    widths = [(n, model.get_submodule(n).in_features) for n in names]
+    return MemoryPlan([(n, w, (w * w + w) * item) for n, w in widths], storage)
+
+
+def check_fits(plan: MemoryPlan, available: int | None) -> None:
+    """Refuse in one line, before any work, a plan larger than ``available`` bytes (None: no limit)."""
+    if available is not None and plan.total > available:
+        raise OrthomergeError(f"{plan.describe()}, but only {available / 2**30:.2f} GiB are available; "
+                              "use float32 storage, fewer target modules, or more memory")
+
+
+def available_memory(device) -> int | None:
+    """Free bytes where the accumulators live: the CUDA device's free memory, else the host's available RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def collect_stats(model: nn.Module, tokenizer, texts: list[str], targets: list[str],
                   pairs: list[str] | None = None, max_length: int = STATS_MAX_LENGTH, batch_size: int = STATS_BATCH_SIZE,
-                  progress: bool = True, model_name: str | None = None, float64: bool = False) -> ActivationStats:
+                  progress: bool = True, model_name: str | None = None, float64: bool = False,
+                  storage: str = "float64", max_bytes: int | None = None) -> ActivationStats:
     """One pass of the pre-trained ``model`` (eval mode) over ``texts``; hooks sum each target's input.
 
     Sums are accumulated in float64. Each batch's ``Xᵀ X`` is a float32 GEMM by default (relative error
     ~1e-7 of that batch's contribution, and ~1.5–2× cheaper than float64 on CPUs); ``float64=True``
     computes every product in float64, e.g. to compare runs that batch the rows differently.
+    ``storage="float32"`` keeps the accumulators in float32 (half the memory: what an all-linear 8B model
+    needs, see :func:`memory_plan`); ``max_bytes`` refuses, before the first batch, a plan larger than that.
 
     Under an initialised ``torch.distributed`` group, process ``k`` of ``W`` takes rows ``k, k+W, …`` and
     the sums are all-reduced, so every process returns the statistics of all rows.
@@ -114,6 +171,9 @@ def collect_stats(model: nn.Module, tokenizer, texts: list[str], targets: list[s
     gram, mean_sum = {}, {}
 
     product = torch.float64 if float64 else torch.float32
+    plan = memory_plan(model, targets, storage)
+    check_fits(plan, max_bytes)
+    held = STORAGE[storage]
     device = next(model.parameters()).device
     # the float64 sums live where float64 is fast and exact enough: on a CUDA device, else the CPU (MPS has none)
     acc = device if device.type == "cuda" else torch.device("cpu")
@@ -127,9 +187,9 @@ def collect_stats(model: nn.Module, tokenizer, texts: list[str], targets: list[s
         tokens = x[mask]
         if key not in gram:
             n = x.shape[-1]
-            gram[key] = torch.zeros(n, n, dtype=torch.float64, device=acc)
+            gram[key] = torch.zeros(n, n, dtype=held, device=acc)
             mean_sum[key] = torch.zeros(n, dtype=torch.float64, device=acc)
-        gram[key] += (tokens.T @ tokens).to(acc, torch.float64)
+        gram[key] += (tokens.T @ tokens).to(acc, held)
         weights = mask.to(product)
         per_sample = torch.bmm(weights[:, None, :], x)[:, 0].to(acc, torch.float64)
         mean_sum[key] += (per_sample / weights.sum(1, keepdim=True).to(acc, torch.float64)).sum(0)
@@ -190,6 +250,7 @@ def collect_stats(model: nn.Module, tokenizer, texts: list[str], targets: list[s
         "targets": sorted(targets),
         "max_length": max_length,
         "float64_products": float64,
+        "storage": storage,
         "widths": {k: width[k] for k in groups},
     }
     gram = {k: v.cpu() for k, v in gram.items()}
@@ -227,7 +288,7 @@ def load_stats(path: str | Path) -> ActivationStats:
                 raise OrthomergeError(f"{path}: tensor {name!r} missing")
             if not torch.isfinite(tensors[name]).all():
                 raise OrthomergeError(f"{path}: tensor {name!r} contains NaN or Inf")
-            tables[attr][key] = tensors[name].to(torch.float64)
+            tables[attr][key] = tensors[name] if f == "gram" else tensors[name].to(torch.float64)
     tokens, samples = meta.pop("tokens"), meta.pop("samples")
     if tokens <= 0:
         raise OrthomergeError(f"{path}: statistics over zero tokens")

@@ -199,3 +199,31 @@ def test_stats_cli_pair_column_and_max_samples(tiny_bert, tmp_path):
                 "--text-pair-column", "hypothesis", "--max-samples", "5", "--out", str(out), "--quiet"]) == 0
     stats = load_stats(out)
     assert stats.sample_count == 5 and stats.meta["max_length"] == 128 and stats.meta["targets"] == ["query", "value"]
+
+
+def test_memory_plan_counts_every_target_and_refuses_before_any_work(tiny_bert, monkeypatch):
+    from orthomerge.stats import memory_plan
+
+    model, tok = load_model(tiny_bert), load_tokenizer(tiny_bert)
+    plan = memory_plan(model, ["query", "value"])
+    assert [(n, w) for n, w, _ in plan.modules] == [(f"bert.encoder.layer.{i}.attention.self.{m}", 32)
+                                                    for i in range(2) for m in ("query", "value")]
+    assert plan.total == 4 * (32 * 32 + 32) * 8 and "4 × 32²" in plan.describe()
+    assert memory_plan(model, ["query", "value"], "float32").total == plan.total // 2
+    calls = []
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1))
+    with pytest.raises(OrthomergeError, match="only 0.00 GiB are available"):
+        collect_stats(model, tok, ["good movie"], ["query", "value"], max_bytes=plan.total - 1, progress=False)
+    assert not calls   # refused before the first forward pass
+
+
+def test_float32_storage_agrees_with_float64_and_loads_as_float64(tiny_bert, tmp_path):
+    model, tok = load_model(tiny_bert), load_tokenizer(tiny_bert)
+    texts = [f"{a} {b}" for a in TEXTS for b in TEXTS[:4]]
+    full = collect_stats(model, tok, texts, ["query"], batch_size=4, progress=False)
+    half = collect_stats(model, tok, texts, ["query"], batch_size=4, progress=False, storage="float32")
+    m = full.modules[0]
+    assert half.grams[half.key_of(m)].dtype == torch.float32 and half.gram(m).dtype == torch.float64
+    assert float((half.gram(m) - full.gram(m)).norm() / full.gram(m).norm()) < 1e-6
+    again = load_stats(save_stats(half, tmp_path / "h.safetensors"))
+    assert again.meta["storage"] == "float32" and torch.equal(again.gram(m), half.gram(m))

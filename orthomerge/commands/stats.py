@@ -18,6 +18,11 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=STATS_BATCH_SIZE)
     p.add_argument("--float64", action="store_true",
                    help="float64 products per batch (default: float32 products, float64 sums)")
+    p.add_argument("--storage", choices=("float64", "float32"), default="float64",
+                   help="accumulator precision: float32 halves the memory (an all-linear 8B model needs it)")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GiB",
+                   help="refuse before any work when the statistics plan exceeds this (default: the free "
+                        "memory where they accumulate)")
     add_output(p, "output .safetensors file", is_file=True)
     p.set_defaults(func=run_stats)
 
@@ -32,7 +37,7 @@ def run_stats(args) -> None:
 
     from ..errors import OrthomergeError
     from ..models import load_model, load_tokenizer, parse_targets
-    from ..stats import collect_stats, init_distributed_from_env, save_stats
+    from ..stats import available_memory, collect_stats, init_distributed_from_env, memory_plan, save_stats
     from ..tasks import read_table
 
     checked_out(args, [args.data])
@@ -44,9 +49,16 @@ def run_stats(args) -> None:
     pairs = [str(r[args.text_pair_column]) for r in rows] if args.text_pair_column else None
     distributed = init_distributed_from_env()
     model = load_model(args.model, **placement(args))
-    stats = collect_stats(model, load_tokenizer(args.model), texts, parse_targets(args.targets), pairs=pairs,
+    targets = parse_targets(args.targets)
+    plan = memory_plan(model, targets, args.storage)
+    if not args.quiet:
+        print(plan.describe())
+    device = next(model.parameters()).device
+    limit = int(args.max_memory * 2**30) if args.max_memory is not None else available_memory(
+        device if device.type == "cuda" else "cpu")
+    stats = collect_stats(model, load_tokenizer(args.model), texts, targets, pairs=pairs,
                           max_length=args.max_length, batch_size=args.batch_size, progress=not args.quiet,
-                          model_name=args.model, float64=args.float64)
+                          model_name=args.model, float64=args.float64, storage=args.storage, max_bytes=limit)
     stats.meta["data"] = str(args.data)
     if not distributed or dist.get_rank() == 0:
         save_stats(stats, args.out)

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks_md import write_section  # the bench/ folder is on sys.path when run as a script
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,20 +228,6 @@ def table(rows, info, command: str, note: str = "") -> str:
               "AdamW step — and prints one JSON line with `torch.cuda.get_device_name()`." +
               (f" {note}" if note else ""), ""]
     return "\n".join(lines)
-
-
-def write_section(text: str) -> None:
-    """Replace the section (its heading up to the next ``## ``) or append it; every other byte stays."""
-    path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text()
-    start = 0 if doc.startswith(SECTION + "\n") else doc.find("\n" + SECTION + "\n")
-    if start >= 0:
-        start += doc[start] == "\n"
-        nxt = doc.find("\n## ", start + len(SECTION))
-        doc = doc[:start] + text + ("\n" + doc[nxt + 1:] if nxt >= 0 else "")
-    else:
-        doc += ("" if doc.endswith("\n\n") else "\n" if doc.endswith("\n") else "\n\n") + text
-    path.write_text(doc)
 
 
 # ---------------------------------------------------------------- --gpu

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks_md import write_section  # the bench/ folder is on sys.path when run as a script
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,6 +34,12 @@ SECTION = "## Data-driven and learned merging"
 METHODS = ["task_arithmetic", "ties", "continual", "do_merging", "doge", "fisher", "adamerging", "search"]
 LAMBDAS = [0.25, 0.5, 0.75, 1.0]            # the experiment's default grid
 WIDE = LAMBDAS + [1.5, 2.0, 3.0]            # also lets averaging rules (fisher) reach the scale of a sum
+
+
+def normalised_note(info: dict) -> str:
+    """What "test normalised" means in a table, with the own adapters' test scores."""
+    return ("Test normalised = mean over tasks of merged ÷ own-adapter test metric (own adapters: " +
+            ", ".join(f"{k} {v:.3f}" for k, v in info["own_test"].items()) + ")")
 
 
 def load_or_train(tasks, folder: Path, model: str):
@@ -133,25 +141,12 @@ def table(rows, info, command: str) -> str:
     lines += ["", "λ is chosen on validation from the experiment's grid {0.25, 0.5, 0.75, 1} and, second pair of "
               "columns, from that grid plus {1.5, 2, 3} (methods without a `scale` — adamerging, search — are "
               "scored as they are). "
-              "Test normalised = mean over tasks of merged ÷ own-adapter test metric (own adapters: " +
-              ", ".join(f"{k} {v:.3f}" for k, v in info["own_test"].items()) + "); one seed, for orientation "
+              normalised_note(info) + "; one seed, for orientation "
               "only — the experiment report is the comparison. Defaults: fisher 256 train rows per task, exact "
               "per-example expected Fisher; adamerging layer-wise, 100 steps × 16 validation inputs per task; "
               "search over task_arithmetic, ties (3 densities), tsv, iso_c, do_merging, continual × 5 λ by "
               "successive halving (16 → 48 → 144 → all validation rows, η = 3); doge 400 Adam steps per module.", ""]
     return "\n".join(lines)
-
-
-def write_section(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text()
-    if SECTION in doc:
-        start = doc.index(SECTION)
-        nxt = doc.find("\n## ", start + len(SECTION))
-        doc = doc[:start] + text + ("\n" + doc[nxt + 1:] if nxt >= 0 else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    path.write_text(doc)
 
 
 def main() -> None:

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks_md import write_section  # the bench/ folder is on sys.path when run as a script
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 R = 16
@@ -268,20 +270,6 @@ def table(rows: list[dict], peft_sizes: dict) -> str:
                          f"{fmt(r.get('rule_sort_s'))} | {fmt(sp, '.1f') + '×' if sp else 'n/a'} | "
                          f"{fmt(r.get('partition_vs_sort_error'))} |")
     return "\n".join(lines)
-
-
-def write_section(text: str) -> None:
-    """Replace the section of BENCHMARKS.md whose heading is the first line of ``text`` (or append it)."""
-    path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    heading = text.splitlines()[0] + "\n"
-    start = doc.find("\n" + heading) + 1 if ("\n" + heading) in doc else -1
-    if start == -1:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    else:
-        nxt = doc.find("\n## ", start + 1)
-        doc = doc[:start] + text + ("\n" + doc[nxt + 1:] if nxt != -1 else "\n")
-    path.write_text(doc)
 
 
 def bench_real(folder: Path, write: bool) -> None:

@@ -32,13 +32,15 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks_md import write_section  # the bench/ folder is on sys.path when run as a script
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_learned import load_or_train  # noqa: E402  (the adapters bench_learned measures)
+from bench_learned import load_or_train, normalised_note  # noqa: E402  (the adapters bench_learned measures)
 
 SECTION = "## Merge search: successive halving vs layer-wise (equal budget)"
 SHORT = {"task_arithmetic": "TA", "ties": "TIES", "tsv": "TSV", "iso_c": "ISO-C", "do_merging": "DO",
@@ -192,25 +194,12 @@ def table(rows, info, command: str, load: str) -> str:
             lines.append(line(r))
         if len(group) > 1:
             lines.append(mean_line(group, "layer-wise", block))
-    lines += ["", "Test normalised = mean over tasks of merged ÷ own-adapter test metric (own adapters: " +
-              ", ".join(f"{k} {v:.3f}" for k, v in info["own_test"].items()) + "). Choice: the winner "
+    lines += ["", normalised_note(info) + ". Choice: the winner "
               "(halving: method(density)×λ; layer-wise: per layer group 0–5, runs of equal choices joined; "
               "TA task arithmetic, OPCM continual, DO do_merging). Both scores are the search's own "
               "normalised score at full validation fidelity (search max_length 64) and the test split's "
               "(evaluator max_length 128); test is never seen by either search.", ""]
     return "\n".join(lines)
-
-
-def write_section(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text()              # re-read right before writing: others edit this file too
-    if SECTION in doc:
-        start = doc.index(SECTION)
-        nxt = doc.find("\n## ", start + len(SECTION))
-        doc = doc[:start] + text + ("\n" + doc[nxt + 1:] if nxt >= 0 else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    path.write_text(doc)
 
 
 def machine_load() -> str:

@@ -140,7 +140,7 @@ def table(rows, info, command: str) -> str:
                      f"{test} | {wide} | {test_wide} | {r.get('note', '')} |")
     lines += ["", "λ is chosen on validation from the experiment's grid {0.25, 0.5, 0.75, 1} and, second pair of "
               "columns, from that grid plus {1.5, 2, 3} (methods without a `scale` — adamerging, search — are "
-              "scored as they are). "
+              "scored as they are). " +
               normalised_note(info) + "; one seed, for orientation "
               "only — the experiment report is the comparison. Defaults: fisher 256 train rows per task, exact "
               "per-example expected Fisher; adamerging layer-wise, 100 steps × 16 validation inputs per task; "

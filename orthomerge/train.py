@@ -28,7 +28,7 @@ from .evaluate import predict
 from .models import load_model, load_tokenizer, resolve_device
 from .osrm import osrm_bases, other_second_moment, smallest_eigenvectors
 from .stats import ActivationStats
-from .tasks import Split, Task, compute_metric
+from .tasks import Task, compute_metric
 
 
 def initialise(peft_model, config: TrainConfig, others: list[ActivationStats] | None,

@@ -224,7 +224,7 @@ def table(rows, info, command: str, note: str = "") -> str:
               "the weight memory, tensor-core GEMMs); this is the CPU baseline it is compared against, and the "
               "statistics error bf16 costs on a real model. `--gpu` (not run here, no GPU in this session) times "
               "a Llama-3.2-1B-shaped random model in bf16 on CUDA — statistics of q_proj, v_proj over 256 × 128 "
-              "random tokens, the OSRM bases from them (`osrm_bases`, a CPU eigensolve), one PEFT LoRA (r = 16) "
+              "random tokens, the OSRM bases from them (`osrm_bases`: `torch.linalg.eigh` on the model's CUDA device), one PEFT LoRA (r = 16) "
               "AdamW step — and prints one JSON line with `torch.cuda.get_device_name()`." +
               (f" {note}" if note else ""), ""]
     return "\n".join(lines)
@@ -278,7 +278,7 @@ def gpu_bench(device: str = "cuda", samples: int = 256, length: int = 128, **sha
     out["stats_s"] = time.perf_counter() - start
     out["stats_tokens_per_s"] = stats.token_count / out["stats_s"]
     start = time.perf_counter()
-    bases = osrm_bases(stats.modules, [stats, stats], rank=16)
+    bases = osrm_bases(stats.modules, [stats, stats], rank=16, model=model)   # eigh on the model's CUDA device
     out["osrm_bases_s"] = time.perf_counter() - start
     out["osrm_modules"] = len(bases)
     peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))

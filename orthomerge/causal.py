@@ -148,6 +148,14 @@ def prompt_split(split, label_names: list[str] | None, template: str | None = No
     return Split(verbalise(split, label_names, template).prompts, list(split.labels))
 
 
+def statistics_rows(split, label_names: list[str] | None, samples: int, task_type: str | None,
+                    template: str | None = None):
+    """The first ``samples`` rows whose target-module inputs statistics describe: the texts, or, for a
+    ``CAUSAL_LM`` task type, the prompts (see :func:`prompt_split`)."""
+    rows = split.take(samples)
+    return prompt_split(rows, label_names, template) if str(task_type).upper() == "CAUSAL_LM" else rows
+
+
 def score_split(model, tokenizer, split, label_names: list[str], metric: str, template: str | None = None,
                 max_length: int = 64, batch_size: int = 32) -> float:
     """The task's metric of label scoring (each row's label is the most likely completion), or, for a

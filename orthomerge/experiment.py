@@ -63,8 +63,8 @@ class ExperimentConfig:
 
     def statistics_rows(self, task: Task, split):
         """The rows whose target-module inputs the statistics describe: the texts, or a causal LM's prompts."""
-        rows = split.take(self.stats_samples)
-        return causal.prompt_split(rows, task.label_names, self.train.prompt or None) if self.causal else rows
+        return causal.statistics_rows(split, task.label_names, self.stats_samples, self.train.task_type,
+                                      self.train.prompt or None)
 
     def placement(self) -> dict:
         """How the base model is loaded for this run (task type, device, precision)."""

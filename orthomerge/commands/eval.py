@@ -31,7 +31,7 @@ def run_eval(args) -> None:
 
     from ..adapters import load_adapter
     from ..cache import cached_stats, loaded_once
-    from ..causal import prompt_split
+    from ..causal import statistics_rows
     from ..errors import OrthomergeError
     from ..evaluate import TaskEvaluator, adapter_deltas, interference_matrix
     from ..models import cache_dir
@@ -76,12 +76,9 @@ def run_eval(args) -> None:
         report["normalised_mean"] = float(np.nanmean([v for v in report["normalised"].values() if v is not None]))
         targets = sorted({m.split(".")[-1] for m in singles[0].modules})
         base = loaded_once(args.model, **place)
-        def rows(t):
-            data = t.validation.take(STATS_SAMPLES)
-            return prompt_split(data, t.label_names, prompt) if place["task_type"] == "CAUSAL_LM" else data
-
-        held = [cached_stats(cache_dir() / "stats", args.model, rows(t), targets, args.max_length, base=base)
-                for t in tasks]
+        held = [cached_stats(cache_dir() / "stats", args.model,
+                             statistics_rows(t.validation, t.label_names, STATS_SAMPLES, place["task_type"], prompt),
+                             targets, args.max_length, base=base) for t in tasks]
         report["interference"] = {"rows_inputs_of": [t.name for t in tasks],
                                   "matrix": interference_matrix(singles, held).round(4).tolist()}
     text = json.dumps(report, indent=2)

@@ -26,7 +26,7 @@ def register(sub) -> None:
 def run_train(args) -> None:
     from ..adapters import save_adapter
     from ..cache import cached_stats, loaded_once
-    from ..causal import prompt_split
+    from ..causal import statistics_rows
     from ..models import cache_dir, parse_targets
     from ..stats import load_stats
     from ..train import train_adapter
@@ -40,9 +40,7 @@ def run_train(args) -> None:
         base = loaded_once(args.model, **placement(args, config.task_type))
 
         def stats(t):
-            rows = t.train.take(args.stats_samples)
-            if config.task_type == "CAUSAL_LM":   # a causal LM's modules see the prompts
-                rows = prompt_split(rows, t.label_names, config.prompt or None)
+            rows = statistics_rows(t.train, t.label_names, args.stats_samples, config.task_type, config.prompt or None)
             return cached_stats(cache_dir() / "stats", args.model, rows, config.targets, config.max_length,
                                 base=base)
 

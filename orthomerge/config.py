@@ -31,7 +31,7 @@ TRAIN_TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM")   # how a labelled task is learned: 
 
 INITS = ("lora", "osrm", "orthogonal", "lora-unit")
 FREEZE = ("A", "B", "none")
-OSRM_VARIANTS = ("paper", "official")
+OSRM_VARIANTS = ("paper", "official", "selective")
 
 
 def option(help: str, default=MISSING, *, factory=MISSING, choices: tuple | None = None, parse=None):

@@ -4,7 +4,9 @@ For target task ``t`` and one module input, ``S_¬t`` is the mean over the other
 per-token uncentred second moment. ``A`` is the ``r`` eigenvectors of ``S_¬t − β S_t`` with the smallest
 eigenvalues (``β = 0``: the paper), as rows, float64, deterministic signs; ``B = 0``. Modules sharing an
 input (q/k/v) share one ``A``. The ``official`` variant reproduces the released code: the null space of the
-other tasks' per-sample mean vectors. See ``docs/osrm.md``.
+other tasks' per-sample mean vectors. The ``selective`` variant (past the paper) takes the top-r generalised
+eigenvectors of ``(S_t, S_¬t + εI)``: the directions with the most own-task input energy per unit of the
+other tasks'. See ``docs/osrm.md``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from .linalg import fix_signs
 from .stats import ActivationStats, check_matches_model, check_same_source
 
 VARIANTS = OSRM_VARIANTS
+# ε of the selective variant, relative to the mean eigenvalue tr(S_¬t)/n: a direction the other tasks leave
+# silent counts as at most 1/SELECTIVE_EPSILON = 100× quieter than an average one (docs/osrm.md)
+SELECTIVE_EPSILON = 1e-2
 
 
 def smallest_eigenvectors(matrix: np.ndarray, rank: int, subset: bool = True,
@@ -57,6 +62,40 @@ def paper_basis(other: np.ndarray, rank: int, own: np.ndarray | None = None, bet
     return smallest_eigenvectors(matrix, rank, device=device)[1]
 
 
+def selective_basis(own: np.ndarray, other: np.ndarray, rank: int, epsilon: float = SELECTIVE_EPSILON,
+                    device=None) -> np.ndarray:
+    """The ``rank`` directions maximising the generalised Rayleigh quotient ``aᵀ S_t a / aᵀ (S_¬t + εI) a``,
+    ε = ``epsilon`` · tr(S_¬t)/n: the top generalised eigenvectors of ``(S_t, S_¬t + εI)``, as unit rows in
+    descending quotient order, float64, deterministic signs. The rows are (S_¬t + εI)-orthogonal, not
+    orthonormal. ``device``: a CUDA device solves there (Cholesky reduction + ``torch.linalg.eigh``)."""
+    own = np.asarray(own, dtype=np.float64)
+    other = np.asarray(other, dtype=np.float64)
+    n = other.shape[0]
+    if not 0 < rank <= n:
+        raise OrthomergeError(f"rank {rank} must be between 1 and the module's input width {n}")
+    ridge = epsilon * np.trace(other) / n
+    if not ridge > 0:
+        raise OrthomergeError("the selective variant needs other-task statistics with non-zero energy and ε > 0")
+    own, other = (own + own.T) / 2, (other + other.T) / 2 + ridge * np.eye(n)
+    if device is not None and torch.device(device).type == "cuda":
+        vectors = _generalised_top_torch(torch.from_numpy(own).to(device), torch.from_numpy(other).to(device), rank)
+    else:
+        _, vectors = scipy.linalg.eigh(own, other, subset_by_index=[n - rank, n - 1])
+        vectors = vectors[:, ::-1]
+    rows = vectors.T / np.linalg.norm(vectors, axis=0)[:, None]
+    return fix_signs(np.ascontiguousarray(rows))
+
+
+def _generalised_top_torch(a: torch.Tensor, b: torch.Tensor, rank: int) -> np.ndarray:
+    """Top ``rank`` generalised eigenvectors of (a, b), b positive definite, as columns (descending):
+    with b = L Lᵀ, the eigenvectors y of L⁻¹ a L⁻ᵀ give x = L⁻ᵀ y."""
+    L = torch.linalg.cholesky(b)
+    c = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L, a, upper=False).T, upper=False)
+    _, y = torch.linalg.eigh((c + c.T) / 2)
+    x = torch.linalg.solve_triangular(L.T, y[:, -rank:].flip(1), upper=True)
+    return x.cpu().numpy()
+
+
 def official_basis(other_means: np.ndarray, rank: int) -> np.ndarray:
     """The released code's init: the last ``rank`` right singular vectors of the stacked mean vectors."""
     other_means = np.atleast_2d(np.asarray(other_means, dtype=np.float64))
@@ -87,12 +126,15 @@ def osrm_bases(modules: list[str], others: list[ActivationStats], rank: int, var
                own: ActivationStats | None = None, beta: float = 0.0, model: nn.Module | None = None,
                ) -> dict[str, np.ndarray]:
     """OSRM ``A`` (float64 [rank, n]) per module; solved once per distinct input and shared. The
-    eigenproblems run on ``model``'s device when it is a CUDA device (else with LAPACK on the CPU)."""
+    eigenproblems run on ``model``'s device when it is a CUDA device (else with LAPACK on the CPU).
+    ``selective`` needs ``own`` (β is not used by it, nor by ``official``)."""
     device = next(model.parameters()).device if model is not None else None
     if variant not in VARIANTS:
         raise OrthomergeError(f"unknown OSRM variant {variant!r} (choose from {', '.join(VARIANTS)})")
     if beta < 0:
         raise OrthomergeError(f"beta must be ≥ 0, got {beta}")
+    if variant == "selective" and own is None:
+        raise OrthomergeError("the selective variant needs the task's own statistics")
     _check_inputs(others, own, model, modules)
     solved: dict[str, np.ndarray] = {}
     bases = {}
@@ -102,6 +144,9 @@ def osrm_bases(modules: list[str], others: list[ActivationStats], rank: int, var
             if variant == "paper":
                 own_moment = own.second_moment(module).numpy() if own is not None else None
                 solved[key] = paper_basis(other_second_moment(others, module), rank, own_moment, beta, device)
+            elif variant == "selective":
+                solved[key] = selective_basis(own.second_moment(module).numpy(), other_second_moment(others, module),
+                                              rank, device=device)
             else:
                 means = np.stack([s.sample_mean(module).numpy() for s in others])
                 solved[key] = official_basis(means, rank)
@@ -120,6 +165,7 @@ def init_metadata(others: list[ActivationStats], rank: int, variant: str, own: A
         "own_stats": str(own.path) if own is not None and own.path else None,
         "samples_per_task": [s.sample_count for s in others],
         "fingerprint": others[0].meta.get("fingerprint"),
+        **({"epsilon": SELECTIVE_EPSILON} if variant == "selective" else {}),
     }
 
 
@@ -150,7 +196,8 @@ def post_convert(adapter: LoraAdapter, others: list[ActivationStats], variant: s
                  own: ActivationStats | None = None, beta: float = 0.0) -> tuple[LoraAdapter, dict]:
     """Project a trained LoRA onto the OSRM subspace (the paper's "post" mode), keeping rank and scaling.
 
-    ``B' = B (A A'ᵀ)`` so that ``s B' A' = ΔW A'ᵀA'`` (least squares, since ``A'`` has orthonormal rows).
+    ``B' = B (A A'ᵀ)(A' A'ᵀ)⁻¹``, the least-squares ``B'`` for the new ``A'``, so that ``s B' A' = ΔW P`` with
+    ``P`` the orthogonal projector onto the row space of ``A'`` (``A' A'ᵀ = I`` except for ``selective``).
     Reports ``ρ = ‖ΔW P‖_F / ‖ΔW‖_F`` per module and overall (ρ² = energy kept).
     """
     ranks = {adapter.rank(m) for m in adapter.modules}
@@ -163,7 +210,7 @@ def post_convert(adapter: LoraAdapter, others: list[ActivationStats], variant: s
         a_new = torch.from_numpy(bases[module])
         a_old = adapter.A[module].to(torch.float64)
         b_old = adapter.B[module].to(torch.float64)
-        b_new = b_old @ (a_old @ a_new.T)
+        b_new = torch.linalg.solve(a_new @ a_new.T, (b_old @ (a_old @ a_new.T)).T).T
         delta_norm = torch.linalg.matrix_norm(adapter.scaling[module] * b_old @ a_old).item()
         kept_norm = torch.linalg.matrix_norm(adapter.scaling[module] * b_new @ a_new).item()
         kept[module] = kept_norm / delta_norm if delta_norm > 0 else 1.0
@@ -179,3 +226,17 @@ def post_convert(adapter: LoraAdapter, others: list[ActivationStats], variant: s
     new = LoraAdapter(A=A, B=B, scaling=dict(adapter.scaling), heads=dict(adapter.heads),
                       config=dict(adapter.config), metadata=metadata)
     return new, report
+
+
+def post_converted(adapters: list[LoraAdapter], stats: list[ActivationStats], variant: str = "paper",
+                   beta: float = 0.0) -> list[LoraAdapter]:
+    """The paper's ``post`` arm at merge time: every trained adapter ``adapters[i]`` (task i) converted by
+    :func:`post_convert` with the other tasks' statistics (``stats[j]``, j ≠ i) and its own (``stats[i]``,
+    for β or the selective variant). Each result's retained energy is in ``metadata["post_report"]``."""
+    if len(adapters) != len(stats):
+        raise OrthomergeError(f"post conversion needs one statistics per adapter, got {len(adapters)} adapters "
+                              f"and {len(stats)} statistics")
+    if len(adapters) < 2:
+        raise OrthomergeError("post conversion needs at least two tasks (the others' statistics)")
+    return [post_convert(adapter, stats[:i] + stats[i + 1:], variant, stats[i], beta)[0]
+            for i, adapter in enumerate(adapters)]

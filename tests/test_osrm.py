@@ -12,7 +12,10 @@ from orthomerge.adapters import load_adapter, new_peft_model, from_peft_model, s
 from orthomerge.cli import main as cli
 from orthomerge.errors import OrthomergeError
 from orthomerge.models import load_model, load_tokenizer
-from orthomerge.osrm import init_peft_model_osrm, official_basis, paper_basis, post_convert, smallest_eigenvectors
+import scipy.linalg
+
+from orthomerge.osrm import (SELECTIVE_EPSILON, init_peft_model_osrm, official_basis, osrm_bases, paper_basis,
+                             post_convert, post_converted, selective_basis, smallest_eigenvectors)
 from orthomerge.stats import collect_stats, save_stats
 
 
@@ -59,6 +62,56 @@ def test_official_basis_is_orthogonal_to_other_means():
     A = official_basis(means, 8)
     np.testing.assert_allclose(A @ A.T, np.eye(8), atol=1e-12)
     assert np.abs(A @ means.T).max() < 1e-12
+
+
+def _quotient(A, own, other):
+    """Generalised Rayleigh quotients aᵀ S_t a / aᵀ B a of the rows of A (scale-free)."""
+    return np.einsum("ij,jk,ik->i", A, own, A) / np.einsum("ij,jk,ik->i", A, other, A)
+
+
+def test_selective_basis_equals_scipy_generalised_eigh_with_unit_rows():
+    n, r = 40, 5
+    own, other = random_moment(n, 200, 5), random_moment(n, 300, 6)
+    A = selective_basis(own, other, r)
+    B = other + SELECTIVE_EPSILON * np.trace(other) / n * np.eye(n)
+    values, vectors = scipy.linalg.eigh(own, B)            # the oracle: scipy's full generalised solve
+    top = vectors[:, ::-1][:, :r]
+    np.testing.assert_allclose(np.linalg.norm(A, axis=1), 1, atol=1e-12)          # unit rows
+    cosines = np.abs(np.sum(A * (top / np.linalg.norm(top, axis=0)).T, axis=1))   # row i ∥ eigenvector i
+    np.testing.assert_allclose(cosines, 1, atol=1e-10)
+    np.testing.assert_allclose(_quotient(A, own, B), values[::-1][:r], rtol=1e-10)   # descending quotients
+    np.testing.assert_allclose(A @ B @ A.T, np.diag(np.diag(A @ B @ A.T)), atol=1e-10)   # B-orthogonal rows
+    assert np.all(A[np.arange(r), np.abs(A).argmax(1)] > 0)   # deterministic signs
+
+
+def test_selective_rows_maximise_the_rayleigh_quotient():
+    """No direction has a higher own/other energy ratio than the first row, and the r-dimensional row space
+    carries the largest generalised trace tr((A B Aᵀ)⁻¹ A S_t Aᵀ) of all r-dimensional subspaces."""
+    n, r = 30, 4
+    own, other = random_moment(n, 100, 7), random_moment(n, 20, 8)   # S_¬t of rank 20: the ridge matters
+    A = selective_basis(own, other, r)
+    B = other + SELECTIVE_EPSILON * np.trace(other) / n * np.eye(n)
+    best = _quotient(A[:1], own, B)[0]
+    trials = np.random.default_rng(9).normal(size=(2000, n))
+    assert _quotient(trials, own, B).max() < best
+    def trace_quotient(M):
+        return np.trace(np.linalg.solve(M @ B @ M.T, M @ own @ M.T))
+    ours = trace_quotient(A)
+    for seed in range(50):
+        M = A + 0.05 * np.random.default_rng(seed).normal(size=A.shape)   # nearby subspaces do worse
+        assert trace_quotient(M) < ours
+    assert ours == pytest.approx(np.sort(scipy.linalg.eigvalsh(own, B))[-r:].sum(), rel=1e-10)
+
+
+def test_selective_variant_needs_own_statistics_and_uses_them(task_stats):
+    modules = task_stats[0].modules
+    with pytest.raises(OrthomergeError, match="own statistics"):
+        osrm_bases(modules, task_stats[1:], 4, variant="selective")
+    bases = osrm_bases(modules, task_stats[1:], 4, variant="selective", own=task_stats[0])
+    m = modules[0]
+    want = selective_basis(task_stats[0].second_moment(m).numpy(),
+                           (task_stats[1].second_moment(m) + task_stats[2].second_moment(m)).numpy() / 2, 4)
+    np.testing.assert_allclose(bases[m], want, atol=1e-10)
 
 
 def test_rank_larger_than_width_is_an_error():
@@ -145,6 +198,51 @@ def test_post_conversion_is_the_projection(tiny_bert, task_stats):
         kept += (dense @ P).norm() ** 2
     assert report["retained_energy"] == pytest.approx(float(kept / total), rel=1e-5)
     assert 0 < report["retained_fraction"] < 1
+
+
+def _trained_like(tiny_bert, seed):
+    """A LoRA adapter with non-zero B (as after training) and a distinct head per seed."""
+    peft_model = new_peft_model(load_model(tiny_bert, num_labels=2, seed=seed), ["query", "value"], rank=4, alpha=8)
+    torch.manual_seed(seed)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()
+    return from_peft_model(peft_model)
+
+
+def test_selective_post_conversion_is_the_projection(tiny_bert, task_stats):
+    """With non-orthonormal rows, B' is still the least-squares fit: s B' A' = ΔW P, P the projector."""
+    adapter = _trained_like(tiny_bert, 4)
+    new, _ = post_convert(adapter, task_stats[1:], "selective", task_stats[0])
+    for m in adapter.modules:
+        A2 = new.A[m].double()
+        P = A2.T @ torch.linalg.solve(A2 @ A2.T, A2)
+        torch.testing.assert_close(new.delta(m).double(), adapter.delta(m).double() @ P, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["paper", "selective"])
+def test_post_converted_uses_each_adapters_other_tasks(tiny_bert, task_stats, variant):
+    adapters = [_trained_like(tiny_bert, seed) for seed in range(3)]
+    converted = post_converted(adapters, task_stats, variant)
+    for i, (old, new) in enumerate(zip(adapters, converted)):
+        others = [s for j, s in enumerate(task_stats) if j != i]
+        want, report = post_convert(old, others, variant, task_stats[i])
+        for m in old.modules:
+            torch.testing.assert_close(new.A[m], want.A[m])
+            torch.testing.assert_close(new.B[m], want.B[m])
+        assert new.metadata["post_report"] == report
+        for key in old.heads:
+            torch.testing.assert_close(new.heads[key], old.heads[key])   # the trained head is carried
+    assert not torch.allclose(converted[0].A[adapters[0].modules[0]], converted[1].A[adapters[0].modules[0]])
+    with pytest.raises(OrthomergeError, match="one statistics per adapter"):
+        post_converted(adapters, task_stats[:2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_selective_solve_gives_the_lapack_basis():
+    own, other = random_moment(64, 500, 3), random_moment(64, 300, 4)
+    np.testing.assert_allclose(selective_basis(own, other, 6, device="cuda"), selective_basis(own, other, 6),
+                               atol=1e-8)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -36,7 +36,7 @@ def paired_power(delta: float, n: int, sd: float, alpha: float = ALPHA) -> float
     df = n - 1
     crit = t.ppf(1 - alpha / 2, df)
     nc = delta * math.sqrt(n) / sd
-    return float(nct.sf(crit, df, nc) + nct.cdf(-crit, df, nc))
+    return float(nct.sf(crit, df, nc) + nct.sf(crit, df, -nc))   # P(T < −c | nc) = P(T > c | −nc), NaN-free
 
 
 def minimum_detectable_difference(n: int, sd: float, power: float = POWER, alpha: float = ALPHA) -> float:

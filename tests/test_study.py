@@ -1,0 +1,93 @@
+"""The OSRM study's statistics (orthomerge.study) against direct computations, and the study's report tables."""
+from __future__ import annotations
+
+import math
+from itertools import combinations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from orthomerge.errors import OrthomergeError
+from orthomerge.study import (choose_beta, lambda_robustness, minimum_detectable_difference, recommend_variant,
+                              task_subsets)
+
+TASKS = ["sentiment", "trec", "sms_spam", "tweet_sentiment", "ag_news", "emotion", "qnli", "rte"]
+
+
+@pytest.mark.parametrize("n, sd", [(5, 0.04), (8, 1.0), (3, 0.1)])
+def test_mde_has_80_percent_power_by_simulation(n, sd):
+    """The paired t-test's rejection rate at the returned δ, simulated, is 0.80 (and its noncentral-t
+    power, computed from the distribution's cdf, is 0.80 to solver precision)."""
+    delta = minimum_detectable_difference(n, sd)
+    df, crit = n - 1, stats.t.ppf(0.975, n - 1)
+    nc = delta * math.sqrt(n) / sd
+    assert 1 - (stats.nct.cdf(crit, df, nc) - stats.nct.cdf(-crit, df, nc)) == pytest.approx(0.8, abs=1e-9)
+    rng = np.random.default_rng(0)
+    diffs = rng.normal(delta, sd, size=(40000, n))
+    rate = (stats.ttest_1samp(diffs, 0.0, axis=1).pvalue < 0.05).mean()
+    assert rate == pytest.approx(0.8, abs=0.01)   # 4 standard errors of a 40000-draw proportion
+
+
+def test_mde_against_the_normal_approximation():
+    """(t_{1−α/2} + t_{0.8})·sd/√n understates δ for few pairs and agrees for many."""
+    def approx(n, sd):
+        return (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * sd / math.sqrt(n)
+    assert minimum_detectable_difference(5, 1.0) > approx(5, 1.0)
+    assert minimum_detectable_difference(400, 1.0) == pytest.approx(approx(400, 1.0), rel=5e-3)
+    assert minimum_detectable_difference(6, 2.0) == pytest.approx(2 * minimum_detectable_difference(6, 1.0))
+    assert math.isnan(minimum_detectable_difference(1, 1.0)) and minimum_detectable_difference(5, 0.0) == 0.0
+
+
+def test_task_subsets_are_reproducible_and_the_same_for_every_arm():
+    subsets = task_subsets(TASKS, (2, 4, 6, 8), seed=0, per_size=3)
+    assert task_subsets(TASKS, (2, 4, 6, 8), seed=0, per_size=3) == subsets
+    assert task_subsets(list(reversed(TASKS)), (8, 6, 4, 2), seed=0, per_size=3)[4] == [
+        tuple(sorted(s, key=list(reversed(TASKS)).index)) for s in subsets[4]]   # order of names: irrelevant
+    assert task_subsets(TASKS, (2,), seed=0, per_size=3)[2] == subsets[2]     # sizes drawn independently
+    assert task_subsets(TASKS, (2, 4, 6, 8), seed=1, per_size=3) != subsets
+    assert sorted(subsets) == [2, 4, 6, 8] and subsets[8] == [tuple(TASKS)]  # one subset of all 8
+    for size, drawn in subsets.items():
+        assert len(set(drawn)) == len(drawn) and all(len(s) == size for s in drawn)
+        assert all(list(s) == [t for t in TASKS if t in s] for s in drawn)   # in the task list's order
+    few = task_subsets(TASKS[:3], (2, 4), per_size=5)   # fewer combinations than asked: all; N > 3 left out
+    assert list(few) == [2] and set(few[2]) == set(combinations(TASKS[:3], 2))
+    with pytest.raises(OrthomergeError, match="at least 2"):
+        task_subsets(TASKS, (1, 2))
+
+
+def test_task_subsets_cover_the_combinations_uniformly():
+    """Over many seeds every pair of 4 tasks is drawn about equally often (no built-in preference)."""
+    counts = {}
+    for seed in range(3000):
+        for s in task_subsets(TASKS[:4], (2,), seed=seed, per_size=1)[2]:
+            counts[s] = counts.get(s, 0) + 1
+    assert len(counts) == 6 and max(counts.values()) / min(counts.values()) < 1.25
+
+
+def test_lambda_robustness_minimum_over_window_and_mean_over_grid():
+    curve = {"0.1": 0.5, "0.2": 0.6, "0.3": 0.8, "0.5": 0.9, "0.8": 0.7, "0.9": 0.4, "1.0": 0.2}
+    got = lambda_robustness(curve)
+    assert got["window_min"] == 0.7 and got["mean"] == pytest.approx(np.mean(list(curve.values())))
+    assert math.isnan(lambda_robustness({1.0: 0.9})["window_min"])
+
+
+def test_decision_rule_on_synthetic_inputs():
+    merged = {"lora": 0.80, "osrm": 0.86, "osrm-freezeA": 0.99, "osrm-beta": 0.90, "orthogonal": 0.85}
+    single = {"lora": 0.83, "osrm": 0.825, "osrm-freezeA": 0.40, "osrm-beta": 0.815, "orthogonal": 0.84}
+    got = recommend_variant(merged, single)
+    assert got["recommended"] == "osrm"                        # osrm-beta is 1.5 points below LoRA: out
+    assert set(got["eligible"]) == {"lora", "osrm", "orthogonal"}
+    assert recommend_variant({**merged, "osrm": 0.70}, single)["recommended"] == "orthogonal"
+    assert recommend_variant({"lora": 0.9, "osrm": 0.8}, {"lora": 0.8, "osrm": 0.8})["recommended"] == "lora"
+    assert recommend_variant({"lora": 0.8, "osrm": 0.8}, {"lora": 0.8, "osrm": 0.8})["recommended"] == "lora"
+    with pytest.raises(OrthomergeError, match="reference arm"):
+        recommend_variant({"osrm": 0.8}, {"osrm": 0.8})
+
+
+def test_beta_choice_on_validation():
+    merged = {0.01: 0.85, 0.1: 0.92, 1.0: 0.97}
+    single = {0.01: 0.83, 0.1: 0.825, 1.0: 0.70}
+    assert choose_beta(merged, single, reference_single=0.83) == 0.1    # β = 1 starves the task
+    assert choose_beta({0.1: 0.9, 0.01: 0.9}, {0.1: 0.8, 0.01: 0.8}, 0.8) == 0.01   # tie: the smaller β
+    assert choose_beta(merged, {0.01: 0.5, 0.1: 0.6, 1.0: 0.4}, 0.83) == 0.1       # none eligible: least starved

@@ -1,14 +1,22 @@
-"""Foundation benchmarks: statistics overhead over a plain forward, and OSRM's subset eigensolver.
+"""Foundation benchmarks: statistics overhead over a plain forward, and the OSRM solve's candidate solvers.
 
-Run: ``.venv/bin/python bench/bench_osrm.py`` (results go to BENCHMARKS.md by hand, with the machine).
-Goals (issue 2): statistics time ÷ forward time ≤ 1.15; subset eigh ÷ full eigh ≤ 0.2 at d = 384, 4096.
+Run: ``.venv/bin/python bench/bench_osrm.py`` (statistics table printed, to copy by hand) or
+``bench/bench_osrm.py --solve-only --write`` (the solver comparison written to BENCHMARKS.md's
+"OSRM solve: candidate solvers" section, with the machine). Goals: statistics time ÷ forward time ≤ 1.15
+(issue 2); solve ÷ full ``eigh`` ≤ 0.2 at d = 4096 (issue 14), with the r smallest eigenvectors' subspace
+equal to the full solve's (sine of the largest principal angle reported; ≤ 1e-6 wanted).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import time
 
 import numpy as np
+import scipy
+import scipy.linalg
+import scipy.sparse.linalg
 import torch
 
 from orthomerge.models import load_model, load_tokenizer
@@ -49,13 +57,64 @@ def bench_stats(samples: int, max_length: int, repeats: int) -> None:
         print(f"| statistics for query,value ({label} products, float64 sums) | {t:.2f} s | {t / base:.2f} |")
 
 
-def bench_eigh(dims: list[int], rank: int, repeats: int) -> None:
+def shift_invert(s: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """ARPACK Lanczos on (S + δI)⁻¹ through one Cholesky factor (torch's, faster than scipy's here):
+    the r largest of the inverse are the r smallest of S, δ = 1e-6·tr(S)/n keeps a PSD S factorable."""
+    n = s.shape[0]
+    shift = 1e-6 * np.trace(s) / n
+    factor = torch.linalg.cholesky(torch.from_numpy(s) + shift * torch.eye(n, dtype=torch.float64)).numpy()
+    op = scipy.sparse.linalg.LinearOperator(
+        (n, n), matvec=lambda v: scipy.linalg.cho_solve((factor, True), v, check_finite=False), dtype=np.float64)
+    inverse, vectors = scipy.sparse.linalg.eigsh(op, k=rank, which="LA", tol=1e-12, v0=np.ones(n))
+    order = np.argsort(1 / inverse)
+    return 1 / inverse[order] - shift, vectors[:, order]
+
+
+SOLVERS = {   # name → (values ascending, vectors as columns) of the r smallest eigenpairs
+    "full `eigh`": lambda s, r: (lambda w, v: (w[:r], v[:, :r]))(*np.linalg.eigh(s)),
+    "subset evr (orthomerge)": lambda s, r: (lambda w, a: (w, a.T))(*smallest_eigenvectors(s, r)),
+    "subset evx": lambda s, r: scipy.linalg.eigh(s, subset_by_index=[0, r - 1], driver="evx"),
+    "shift-invert Lanczos": shift_invert,
+}
+
+
+def largest_angle_sine(vectors: np.ndarray, reference: np.ndarray) -> float:
+    q, _ = np.linalg.qr(reference)
+    return float(np.linalg.norm(vectors - q @ (q.T @ vectors), 2))
+
+
+def bench_eigh(dims: list[int], rank: int, repeats: int) -> list[str]:
+    """Every solver on S = XᵀX/2n (X: 2n × n Gaussian, a full-rank Wishart matrix whose smallest
+    eigenvalues crowd at the Marchenko–Pastur edge), repeats interleaved, best of ``repeats``."""
+    rows = []
     for n in dims:
         x = np.random.default_rng(0).normal(size=(2 * n, n))
         s = x.T @ x / (2 * n)
-        full = best_of(lambda: smallest_eigenvectors(s, rank, subset=False), repeats)
-        subset = best_of(lambda: smallest_eigenvectors(s, rank, subset=True), repeats)
-        print(f"| d = {n}, r = {rank}, float64 | {full:.3f} s | {subset:.3f} s | {subset / full:.2f} |")
+        times = {name: [] for name in SOLVERS}
+        found = {}
+        for repeat in range(repeats):
+            names = list(SOLVERS)
+            for name in names[repeat % len(names):] + names[:repeat % len(names)]:   # rotate the order
+                start = time.perf_counter()
+                found[name] = SOLVERS[name](s, rank)
+                times[name].append(time.perf_counter() - start)
+        full = min(times["full `eigh`"])
+        reference = found["full `eigh`"][1]
+        for name in SOLVERS:
+            best = min(times[name])
+            row = (f"| d = {n} | {name} | {best:.3f} s | {np.median(times[name]):.3f} s | {best / full:.2f} | "
+                   f"{largest_angle_sine(found[name][1], reference):.1e} |")
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def machine() -> str:
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"{platform.machine()} with {os.cpu_count()} cores (load average {load} at the start), "
+            f"torch {torch.__version__} with {torch.get_num_threads()} threads, OPENBLAS_NUM_THREADS="
+            f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, numpy {np.__version__}, "
+            f"scipy {scipy.__version__}")
 
 
 if __name__ == "__main__":
@@ -63,9 +122,24 @@ if __name__ == "__main__":
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dims", default="384,1024,4096")
+    parser.add_argument("--solve-only", action="store_true", help="skip the statistics benchmark")
+    parser.add_argument("--write", action="store_true", help="write the solver table to BENCHMARKS.md")
     args = parser.parse_args()
-    print(f"torch threads: {torch.get_num_threads()}\n")
-    print("| statistics | time (best of %d) | ÷ forward |\n|---|---|---|" % args.repeats)
-    bench_stats(args.samples, args.max_length, args.repeats)
-    print("\n| OSRM solve | full eigh | subset eigh | ratio |\n|---|---|---|---|")
-    bench_eigh([384, 4096], 8, args.repeats)
+    where = machine()
+    print(where + "\n")
+    if not args.solve_only:
+        print("| statistics | time (best of %d) | ÷ forward |\n|---|---|---|" % args.repeats)
+        bench_stats(args.samples, args.max_length, args.repeats)
+    header = ["| d | solver (r = 8 smallest, float64) | best | median | ÷ full `eigh` (best) | sin largest angle to full |",
+              "|---|---|---|---|---|---|"]
+    print("\n" + "\n".join(header))
+    rows = bench_eigh([int(d) for d in args.dims.split(",")], 8, args.repeats)
+    if args.write:
+        from benchmarks_md import write_section
+
+        write_section("\n".join([
+            "## OSRM solve: candidate solvers (issue 14)", "",
+            f"Generated by `bench/bench_osrm.py --solve-only --write --repeats {args.repeats} --dims {args.dims}` "
+            f"on {where}; the solvers' runs interleaved, rotating their order each repeat.", "",
+            *header, *rows, ""]))

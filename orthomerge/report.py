@@ -1,4 +1,16 @@
-"""``report.md`` and PNG plots from an experiment's ``results.json`` (pure rendering, no training)."""
+"""``report.md`` and PNG plots from an experiment's ``results.json`` (pure rendering, no training).
+
+Fields read beyond what every experiment writes (each table is left out when its fields are missing, so
+older ``results.json`` files still render):
+
+* ``runs[i]["merges"][k]["test_curve"]``: λ → normalised test mean over tasks, for the same λ grid as
+  ``val_curve`` (the λ-robustness table; without it the table is computed from ``val_curve`` and says so).
+* ``runs[i]["subset_merges"]``: the number-of-tasks curve, a list of ``{"tasks": [names], "method": str,
+  "lambda": float, "test_normalised_mean": float}``, one per merged subset of ``study.task_subsets`` (the
+  same subsets in every run), λ chosen on validation as for the full merge.
+* The decision rule uses only fields every run has: ``single["validation"]`` and the task-arithmetic
+  merge's ``val_curve`` at its chosen ``lambda``; an arm ``lora`` must be present.
+"""
 from __future__ import annotations
 
 import json
@@ -11,9 +23,12 @@ import numpy as np
 from .errors import OrthomergeError
 from .outputs import atomic_file
 from .evaluate import off_diagonal_mean
+from . import study
 
-CONTRASTS = [("osrm", "lora"), ("osrm", "orthogonal"), ("orthogonal", "lora"), ("lora-unit", "lora")]
-INIT_ARMS = {"lora", "osrm", "orthogonal", "lora-unit"}   # every other arm is a training option on top
+CONTRASTS = [("osrm", "lora"), ("osrm", "orthogonal"), ("orthogonal", "lora"), ("lora-unit", "lora"),
+             ("osrm", "gaussian"), ("orthogonal", "gaussian"), ("gaussian", "lora")]
+INIT_ARMS = {"lora", "osrm", "orthogonal", "lora-unit", "gaussian"}   # every other arm is an option on top
+RECOMMENDED_AGAINST = ("lora", "gaussian", "orthogonal")   # the recommended arm's paired test contrasts
 
 
 def mean_std(values) -> str:
@@ -26,8 +41,8 @@ def mean_std(values) -> str:
 
 
 def paired_difference(a: list[float], b: list[float]) -> dict:
-    """Mean of per-seed differences a − b with the paired t-test's 95% confidence interval
-    (:func:`scipy.stats.ttest_rel`; none for one seed)."""
+    """Mean and standard deviation of per-seed differences a − b with the paired t-test's 95% confidence
+    interval (:func:`scipy.stats.ttest_rel`; none for one seed)."""
     from scipy.stats import ttest_rel
 
     d = np.asarray(a) - np.asarray(b)
@@ -36,7 +51,8 @@ def paired_difference(a: list[float], b: list[float]) -> dict:
     if n > 1:
         ci = ttest_rel(a, b).confidence_interval(0.95)
         low, high = float(ci.low), float(ci.high)
-    return {"mean": float(d.mean()), "low": low, "high": high, "n": n}
+    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
+    return {"mean": float(d.mean()), "sd": sd, "low": low, "high": high, "n": n}
 
 
 def _fmt_diff(d: dict) -> str:
@@ -71,10 +87,15 @@ def contrasts(summary: dict, arms: list[str]) -> list[tuple[str, str, str, dict]
             continue
         for a, b in pairs:
             if a in arms and b in arms and a in cells and b in cells:
-                seeds = sorted(set(cells[a]["tasks"]) & set(cells[b]["tasks"]))
-                means = [_common_means(cells[a]["tasks"][s], cells[b]["tasks"][s]) for s in seeds]
-                out.append((method, a, b, paired_difference([x for x, _ in means], [y for _, y in means])))
+                out.append((method, a, b, _paired(cells, a, b)))
     return out
+
+
+def _paired(cells: dict, a: str, b: str) -> dict:
+    """Paired difference a − b over the seeds both arms ran, each seed's means over the tasks both define."""
+    seeds = sorted(set(cells[a]["tasks"]) & set(cells[b]["tasks"]))
+    means = [_common_means(cells[a]["tasks"][s], cells[b]["tasks"][s]) for s in seeds]
+    return paired_difference([x for x, _ in means], [y for _, y in means])
 
 
 def _common_means(x: dict, y: dict) -> tuple[float, float]:
@@ -170,10 +191,15 @@ def render_markdown(results: dict) -> str:
             cells = [mean_std([r["interference_per_module"][m] for r in results["runs"] if r["arm"] == arm])
                      for arm in arms]
             lines.append(f"| {_short(m)} | " + " | ".join(cells) + " |")
-    lines += study_section(s, arms, names, diffs)
+    lines += study_section(diffs)
+    lines += decision_section(results, s)
+    lines += mde_section(diffs)
+    lines += lambda_robustness_section(results)
+    lines += ntasks_section(results)
     lines += safety_section(results)
     lines += ["", "Plots: `lambda_curves.png` (validation normalised score vs λ), `per_task.png`, "
-              "`interference.png`" + (", `safety.png`" if results.get("safety") else "") + ".", ""]
+              "`interference.png`" + (", `ntasks.png`" if ntasks_curve(results) else "")
+              + (", `safety.png`" if results.get("safety") else "") + ".", ""]
     return "\n".join(lines)
 
 
@@ -202,40 +228,151 @@ def _short(module: str) -> str:
     return f"layer {layer} {parts[-1]}"
 
 
-def study_section(summary: dict, arms: list[str], names: list[str], diffs: list) -> list[str]:
-    """Which arm gives the best merged score with single-task quality within 1 point of standard LoRA,
-    and how much of OSRM's gain is scale (orthogonal − lora) and how much subspace (osrm − orthogonal)."""
-    if not {"lora", "osrm", "orthogonal"} <= set(arms):
-        return []
-    single = {arm: [np.mean([summary["single"][arm][sd][n] for n in names]) for sd in sorted(summary["single"][arm])]
-              for arm in arms}
-    lora_single = np.mean(single["lora"])
-    lines = ["", "## Subspace or scale? (normalised test score, the paired contrasts' means)", "",
-             "| method | osrm − lora | = scale: orthogonal − lora | + subspace: osrm − orthogonal |",
-             "|---|---|---|---|"]
+def study_section(diffs: list) -> list[str]:
+    """How much of OSRM's gain over a baseline is scale (orthogonal − baseline) and how much subspace
+    (osrm − orthogonal), against standard LoRA and, when it ran, the paper's baseline ``gaussian``."""
     diff = {(m, a, b): d["mean"] for m, a, b, d in diffs}
-    parts = [("osrm", "lora"), ("orthogonal", "lora"), ("osrm", "orthogonal")]
-    for method in dict.fromkeys(m for m, *_ in diffs):
-        if all((method, a, b) in diff for a, b in parts):
-            lines.append(f"| {method} | " + " | ".join(f"{diff[method, a, b]:+.3f}" for a, b in parts) + " |")
-    lines += ["", "Arms ranked by task-arithmetic normalised score; `eligible` = single-task mean within 1 point "
-              "(0.01) of standard LoRA's.", "",
-              "| arm | single-task mean | Δ vs lora | task arithmetic | best method (score) | eligible |",
-              "|---|---|---|---|---|---|"]
+    lines = []
+    for base in ("lora", "gaussian"):
+        parts = [("osrm", base), ("orthogonal", base), ("osrm", "orthogonal")]
+        rows = [f"| {method} | " + " | ".join(f"{diff[method, a, b]:+.3f}" for a, b in parts) + " |"
+                for method in dict.fromkeys(m for m, *_ in diffs) if all((method, a, b) in diff for a, b in parts)]
+        if rows:
+            title = "Subspace or scale?" if base == "lora" else "Subspace or scale, against the paper's baseline?"
+            lines += ["", f"## {title} (normalised test score, the paired contrasts' means)", "",
+                      f"| method | osrm − {base} | = scale: orthogonal − {base} | + subspace: osrm − orthogonal |",
+                      "|---|---|---|---|", *rows]
+    return lines
+
+
+def mde_section(diffs: list) -> list[str]:
+    """The minimum detectable difference at 80 % power (two-sided α = 0.05) of every paired contrast, from
+    its number of seeds and the standard deviation of its per-seed differences (``study``)."""
+    rows = [(m, a, b, d) for m, a, b, d in diffs if d["n"] > 1]
+    if not rows:
+        return []
+    lines = ["", "## Minimum detectable difference (80 % power, two-sided α = 0.05, paired over seeds)", "",
+             "The true difference the paired t-test would detect 4 times in 5 with this many seeds, given the "
+             "spread of the observed per-seed differences (exact noncentral t). An observed difference well "
+             "below it is not evidence of no effect.", "",
+             "| contrast | method | seeds | sd of differences | observed | minimum detectable |",
+             "|---|---|---|---|---|---|"]
+    for m, a, b, d in rows:
+        mde = study.minimum_detectable_difference(d["n"], d["sd"])
+        lines.append(f"| {a} − {b} | {m} | {d['n']} | {d['sd']:.3f} | {d['mean']:+.3f} | {mde:.3f} |")
+    return lines
+
+
+def lambda_robustness_section(results: dict) -> list[str]:
+    """Per method and arm, the normalised score's minimum over λ ∈ [0.3, 0.8] and its mean over the whole
+    grid (mean ± std over seeds): from ``test_curve`` where every merge has one, else ``val_curve``."""
+    merges = [m for r in results["runs"] for m in r["merges"] if len(m.get("val_curve") or {}) > 1]
+    if not merges:
+        return []
+    key = "test_curve" if all(m.get("test_curve") for m in merges) else "val_curve"
+    arms = list(dict.fromkeys(r["arm"] for r in results["runs"]))
+    table = defaultdict(lambda: defaultdict(list))
+    for run in results["runs"]:
+        for merge in run["merges"]:
+            if len(merge.get("val_curve") or {}) > 1:
+                table[merge["method"]][run["arm"]].append(study.lambda_robustness(merge[key]))
+    low, high = study.LAMBDA_WINDOW
+    split = "test" if key == "test_curve" else "validation (no test curves in these results)"
+    lines = ["", f"## Robustness to λ ({split} normalised score)", "",
+             f"Each cell: minimum over λ ∈ [{low:g}, {high:g}] / mean over the whole grid "
+             f"{sorted({float(k) for m in merges for k in m[key]})}.", "",
+             "| method | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for method, cells in table.items():
+        row = [f"{mean_std([x['window_min'] for x in cells[a]])} / {mean_std([x['mean'] for x in cells[a]])}"
+               if a in cells else "" for a in arms]
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    return lines
+
+
+def ntasks_curve(results: dict) -> dict:
+    """method → arm → N → per-seed means over that run's N-task subsets (empty without ``subset_merges``)."""
+    curve = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for run in results["runs"]:
+        by_size = defaultdict(list)
+        for merge in run.get("subset_merges") or []:
+            by_size[merge["method"], len(merge["tasks"])].append(merge["test_normalised_mean"])
+        for (method, size), values in by_size.items():
+            curve[method][run["arm"]][size].append(float(np.nanmean(values)))
+    return curve
+
+
+def ntasks_section(results: dict) -> list[str]:
+    """The normalised test score against the number of merged tasks N, per method and arm."""
+    curve = ntasks_curve(results)
+    if not curve:
+        return []
+    arms = list(dict.fromkeys(r["arm"] for r in results["runs"]))
+    sizes = sorted({n for cells in curve.values() for by_n in cells.values() for n in by_n})
+    lines = ["", "## Number of merged tasks (normalised test score; mean over the subsets, ± std over seeds)", "",
+             "Every arm merges the same task subsets (`study.task_subsets`, fixed seed); plot `ntasks.png`.", "",
+             "| method | arm | " + " | ".join(f"N = {n}" for n in sizes) + " |", "|---|---|" + "---|" * len(sizes)]
+    for method, cells in curve.items():
+        for arm in arms:
+            if arm in cells:
+                lines.append(f"| {method} | {arm} | " + " | ".join(mean_std(cells[arm].get(n, [])) for n in sizes)
+                             + " |")
+    return lines
+
+
+def _validation_choice(merge: dict) -> float:
+    """The validation normalised score at the merge's chosen λ (keys are strings once read from JSON)."""
+    curve = {float(k): v for k, v in merge["val_curve"].items()}
+    return float(curve[float(merge["lambda"])])
+
+
+def decision(results: dict) -> dict | None:
+    """The study's decision rule (``study.recommend_variant``) on the validation split: per arm, the means
+    over seeds of the single-task validation mean and of the task-arithmetic validation normalised score at
+    its chosen λ. None when there is no ``lora`` arm or no task-arithmetic merge."""
+    merged, single = defaultdict(list), defaultdict(list)
+    for run in results["runs"]:
+        ta = next((m for m in run["merges"] if m["method"] == study.DECISION_METHOD and m["val_curve"]), None)
+        if ta is None:
+            continue
+        merged[run["arm"]].append(_validation_choice(ta))
+        single[run["arm"]].append(float(np.mean(list(run["single"]["validation"].values()))))
+    if "lora" not in merged:
+        return None
+    merged = {a: float(np.mean(v)) for a, v in merged.items()}
+    single = {a: float(np.mean(v)) for a, v in single.items()}
+    return {**study.recommend_variant(merged, single), "validation_merged": merged, "validation_single": single}
+
+
+def decision_section(results: dict, summary: dict) -> list[str]:
+    """The decision rule's table and outcome, and the recommended arm's paired test intervals against
+    lora, gaussian and orthogonal for every method."""
+    rule = decision(results)
+    if rule is None:
+        return []
+    tol = rule["tolerance"]
+    lines = ["", "## Decision rule (fixed before the run; validation split only)", "",
+             f"Recommended: the arm with the best validation normalised score of {study.DECISION_METHOD} among "
+             f"the arms whose single-task validation mean is at least standard LoRA's − {tol:g} (1 point).", "",
+             "| arm | single-task (val) | Δ vs lora | task arithmetic (val) | eligible |", "|---|---|---|---|---|"]
+    ref = rule["validation_single"]["lora"]
+    for arm in sorted(rule["validation_merged"], key=lambda a: -rule["validation_merged"][a]):
+        single = rule["validation_single"][arm]
+        lines.append(f"| {arm} | {single:.3f} | {single - ref:+.3f} | {rule['validation_merged'][arm]:.3f} | "
+                     f"{'yes' if arm in rule['eligible'] else 'no'} |")
+    best = rule["recommended"]
+    lines += ["", f"Recommended: **{best}**" + (" (no variant beats standard LoRA under the rule)."
+                                                if best == "lora" else ".")]
+    against = [b for b in RECOMMENDED_AGAINST if b != best]
     rows = []
-    for arm in arms:
-        ta = summary["table"].get("task_arithmetic", {}).get(arm)
-        ta_score = np.mean(list(ta["norm"].values())) if ta else float("nan")
-        best = max(((m, np.mean(list(c[arm]["norm"].values()))) for m, c in summary["table"].items()
-                    if arm in c and m != "heads_only"), key=lambda x: x[1])
-        delta = np.mean(single[arm]) - lora_single
-        rows.append((ta_score, arm, np.mean(single[arm]), delta, best, delta >= -0.01))
-    for ta_score, arm, mean_single, delta, best, ok in sorted(rows, reverse=True):
-        lines.append(f"| {arm} | {mean_single:.3f} | {delta:+.3f} | {ta_score:.3f} | {best[0]} ({best[1]:.3f}) | "
-                     f"{'yes' if ok else 'no'} |")
-    winner = next((r for r in sorted(rows, reverse=True) if r[5]), None)
-    if winner:
-        lines += ["", f"Best eligible arm by task arithmetic: **{winner[1]}** ({winner[0]:.3f})."]
+    for method, cells in summary["table"].items():
+        if method == "heads_only" or best not in cells:
+            continue
+        parts = [_fmt_diff(_paired(cells, best, b)) if b in cells else "n/a" for b in against]
+        rows.append(f"| {method} | {mean_std(cells[best]['norm'].values())} | " + " | ".join(parts) + " |")
+    if rows:
+        lines += ["", f"{best} on test (normalised; paired over seeds, 95 % t-interval):", "",
+                  "| method | score | " + " | ".join(f"− {b}" for b in against) + " |",
+                  "|---|---|" + "---|" * len(against), *rows]
     return lines
 
 
@@ -335,11 +472,40 @@ def render_plots(results: dict, out: Path) -> list[Path]:
     paths.append(out / "interference.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+    if ntasks_curve(results):
+        paths.append(render_ntasks_plot(results, out / "ntasks.png"))
     if results.get("safety"):
         from .safety import render_plot as safety_plot
 
         paths.append(safety_plot(results["safety"], out / "safety.png"))
     return paths
+
+
+def render_ntasks_plot(results: dict, path: Path) -> Path:
+    """``ntasks.png``: normalised test score against the number of merged tasks, one line per arm (error bars:
+    std over seeds), one panel per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = ntasks_curve(results)
+    fig, axes = plt.subplots(1, len(curve), figsize=(4.2 * len(curve), 3.3), squeeze=False)
+    for ax, (method, cells) in zip(axes.flat, curve.items()):
+        for arm, by_n in cells.items():
+            sizes = sorted(by_n)
+            means = [np.mean(by_n[n]) for n in sizes]
+            spread = [np.std(by_n[n], ddof=1) if len(by_n[n]) > 1 else 0.0 for n in sizes]
+            ax.errorbar(sizes, means, yerr=spread, marker="o", capsize=3, label=arm)
+        ax.set_title(method)
+        ax.set_xlabel("number of merged tasks N")
+        ax.set_ylabel("normalised test score")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_report(results_path: str | Path) -> Path:

@@ -91,3 +91,93 @@ def test_beta_choice_on_validation():
     assert choose_beta(merged, single, reference_single=0.83) == 0.1    # β = 1 starves the task
     assert choose_beta({0.1: 0.9, 0.01: 0.9}, {0.1: 0.8, 0.01: 0.8}, 0.8) == 0.01   # tie: the smaller β
     assert choose_beta(merged, {0.01: 0.5, 0.1: 0.6, 1.0: 0.4}, 0.83) == 0.1       # none eligible: least starved
+
+
+# ------------------------------------------------------------------ report tables on a synthetic results dict
+
+NAMES = ["a", "b", "c", "d"]
+LAMBDAS = [0.1, 0.3, 0.5, 0.8, 1.0]
+# arm → (single-task validation mean, task-arithmetic validation score at the best λ, test normalised score)
+ARMS = {"lora": (0.80, 0.85, 0.84), "gaussian": (0.79, 0.83, 0.82), "orthogonal": (0.80, 0.86, 0.85),
+        "osrm": (0.80, 0.87, 0.86), "osrm-beta": (0.78, 0.95, 0.94), "osrm-selective": (0.80, 0.90, 0.89)}
+
+
+def synthetic_results(seeds=(0, 1, 2, 3, 4), study_fields=True) -> dict:
+    rng = np.random.default_rng(0)
+    runs = []
+    for arm, (single, val_best, test) in ARMS.items():
+        for seed in seeds:
+            noise = rng.normal(0, 0.01)
+            single_scores = {n: single + noise for n in NAMES}
+            val_curve = {str(lam): val_best + noise - 0.2 * (lam - 0.8) ** 2 for lam in LAMBDAS}
+            test_curve = {str(lam): test + noise - 0.3 * (lam - 0.8) ** 2 for lam in LAMBDAS}
+            norm = {n: test + noise for n in NAMES}
+            merges = [
+                {"method": "heads_only", "lambda": 0.0, "val_curve": {}, "test": {}, "test_normalised": norm,
+                 "test_normalised_mean": test - 0.3, "test_mean": 0.5},
+                {"method": "task_arithmetic", "lambda": 0.8, "val_curve": val_curve, "test": {},
+                 "test_normalised": norm, "test_normalised_mean": test + noise, "test_mean": 0.7,
+                 **({"test_curve": test_curve} if study_fields else {})},
+            ]
+            run = {"arm": arm, "seed": seed, "single": {"validation": single_scores, "test": single_scores},
+                   "merges": merges, "interference": np.eye(4).tolist(), "interference_merged": None,
+                   "input_energy_init": [[None] * 4] * 4, "input_energy_trained": np.ones((4, 4)).tolist(),
+                   "drift": {n: None for n in NAMES}}
+            if study_fields:
+                run["subset_merges"] = [
+                    {"tasks": list(s), "method": "task_arithmetic", "lambda": 0.8,
+                     "test_normalised_mean": test + noise + 0.02 * (4 - size)}
+                    for size, subsets in task_subsets(NAMES, (2, 4), seed=0).items() for s in subsets]
+            runs.append(run)
+    return {"config": {"model": "tiny", "stats_samples": 10, "lambdas": LAMBDAS,
+                       "train": {"rank": 8, "alpha": 16, "targets": ["query"], "lr": 1e-3, "epochs": 1,
+                                 "batch_size": 8, "max_length": 32}},
+            "tasks": [{"name": n, "metric": "accuracy", "sizes": [10, 10, 10], "source": "test"} for n in NAMES],
+            "task_names": NAMES, "runs": runs, "seconds": 1.0, "expected_runs": len(runs)}
+
+
+def test_report_renders_the_study_tables(tmp_path):
+    from orthomerge.report import contrasts, decision, render_markdown, render_plots, summarise
+
+    results = synthetic_results()
+    text = render_markdown(results)
+    rule = decision(results)
+    assert rule["recommended"] == "osrm-selective"           # osrm-beta: 2 points below LoRA, not eligible
+    assert "osrm-beta" not in rule["eligible"] and "Recommended: **osrm-selective**" in text
+    assert "osrm-selective on test" in text and "− gaussian" in text and "− orthogonal" in text
+    # the MDE column equals a direct computation from the per-seed differences
+    summary = summarise(results)
+    arms = list(ARMS)
+    d = next(d for m, a, b, d in contrasts(summary, arms) if (a, b) == ("osrm", "gaussian"))
+    seeds = sorted(summary["table"]["task_arithmetic"]["osrm"]["norm"])
+    diffs = [np.mean(list(summary["table"]["task_arithmetic"][arm]["tasks"][s].values())) for s in seeds
+             for arm in ("osrm",)]
+    diffs = np.subtract(diffs, [np.mean(list(summary["table"]["task_arithmetic"]["gaussian"]["tasks"][s].values()))
+                                for s in seeds])
+    mde = minimum_detectable_difference(len(seeds), float(np.std(diffs, ddof=1)))
+    row = next(line for line in text.splitlines() if line.startswith("| osrm − gaussian | task_arithmetic | 5 |"))
+    assert float(row.strip("| ").split(" | ")[-1]) == pytest.approx(mde, abs=5e-4) and d["n"] == 5
+    assert "Subspace or scale, against the paper's baseline?" in text
+    # λ robustness from the test curves: min over [0.3, 0.8] at λ = 0.3
+    assert "## Robustness to λ (test normalised score)" in text
+    lora = [lambda_robustness(r["merges"][1]["test_curve"]) for r in results["runs"] if r["arm"] == "lora"]
+    cell = next(line for line in text.splitlines() if line.startswith("| task_arithmetic |") and " / " in line)
+    assert cell.split(" | ")[1].startswith(f"{np.mean([x['window_min'] for x in lora]):.3f}")
+    assert "## Number of merged tasks" in text and "N = 2 | N = 4" in text
+    paths = render_plots(results, tmp_path)
+    assert (tmp_path / "ntasks.png") in paths and (tmp_path / "ntasks.png").stat().st_size > 0
+
+
+def test_old_results_render_without_the_study_fields(tmp_path):
+    from orthomerge.report import render_markdown, render_plots
+
+    results = synthetic_results(seeds=(0,), study_fields=False)
+    text = render_markdown(results)
+    assert "Number of merged tasks" not in text and "Minimum detectable" not in text   # one seed: no MDE
+    assert "Robustness to λ (validation" in text
+    assert "Decision rule" in text
+    render_plots(results, tmp_path)
+    assert not (tmp_path / "ntasks.png").exists()
+    del results["runs"][0]["merges"][1]   # no task arithmetic for lora: no decision table
+    results["runs"] = [r for r in results["runs"] if r["arm"] == "lora"]
+    assert "Decision rule" not in render_markdown(results)

@@ -16,7 +16,6 @@ import time
 import numpy as np
 import scipy
 import scipy.linalg
-import scipy.sparse.linalg
 import torch
 
 from orthomerge.models import load_model, load_tokenizer
@@ -57,24 +56,17 @@ def bench_stats(samples: int, max_length: int, repeats: int) -> None:
         print(f"| statistics for query,value ({label} products, float64 sums) | {t:.2f} s | {t / base:.2f} |")
 
 
-def shift_invert(s: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """ARPACK Lanczos on (S + δI)⁻¹ through one Cholesky factor (torch's, faster than scipy's here):
-    the r largest of the inverse are the r smallest of S, δ = 1e-6·tr(S)/n keeps a PSD S factorable."""
-    n = s.shape[0]
-    shift = 1e-6 * np.trace(s) / n
-    factor = torch.linalg.cholesky(torch.from_numpy(s) + shift * torch.eye(n, dtype=torch.float64)).numpy()
-    op = scipy.sparse.linalg.LinearOperator(
-        (n, n), matvec=lambda v: scipy.linalg.cho_solve((factor, True), v, check_finite=False), dtype=np.float64)
-    inverse, vectors = scipy.sparse.linalg.eigsh(op, k=rank, which="LA", tol=1e-12, v0=np.ones(n))
-    order = np.argsort(1 / inverse)
-    return 1 / inverse[order] - shift, vectors[:, order]
+def library(solver: str):
+    """orthomerge's solver, returning (values, vectors as columns) like the others."""
+    return lambda s, r: (lambda w, a: (w, a.T))(*smallest_eigenvectors(s, r, solver=solver))
 
 
 SOLVERS = {   # name → (values ascending, vectors as columns) of the r smallest eigenpairs
     "full `eigh`": lambda s, r: (lambda w, v: (w[:r], v[:, :r]))(*np.linalg.eigh(s)),
-    "subset evr (orthomerge)": lambda s, r: (lambda w, a: (w, a.T))(*smallest_eigenvectors(s, r)),
+    "subset evr": library("subset"),
     "subset evx": lambda s, r: scipy.linalg.eigh(s, subset_by_index=[0, r - 1], driver="evx"),
-    "shift-invert Lanczos": shift_invert,
+    "shift-invert Lanczos (certified)": library("shift-invert"),
+    "auto (orthomerge's default)": library("auto"),
 }
 
 

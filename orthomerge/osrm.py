@@ -27,28 +27,84 @@ VARIANTS = OSRM_VARIANTS
 SELECTIVE_EPSILON = 1e-2
 
 
-def smallest_eigenvectors(matrix: np.ndarray, rank: int, subset: bool = True,
+SOLVERS = ("auto", "shift-invert", "subset", "full")
+# "auto" uses shift-invert Lanczos from this input width on: slower than LAPACK's subset solve at d = 384,
+# 1024 and 2048, about 2× faster at d = 4096 (bench/bench_osrm.py, BENCHMARKS.md "OSRM solve: candidate solvers")
+SHIFT_INVERT_MIN_WIDTH = 4096
+
+
+def smallest_eigenvectors(matrix: np.ndarray, rank: int, solver: str = "auto",
                           device=None) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (ascending) and eigenvectors as rows for the ``rank`` smallest eigenvalues, float64.
 
-    ``subset=True`` asks LAPACK for those eigenpairs only (``scipy.linalg.eigh(subset_by_index=…)``);
-    ``False`` does a full ``eigh`` and slices — the same answer, slower for large ``n``. ``device``: a CUDA
-    device solves with ``torch.linalg.eigh`` there (float64; worth it for large widths), else the CPU.
+    ``solver``: ``subset`` asks LAPACK for those eigenpairs only (``scipy.linalg.eigh(subset_by_index=…)``);
+    ``full`` does a full ``eigh`` and slices (tests, benchmarks); ``shift-invert`` runs Lanczos on
+    ``(M + δI)⁻¹`` through one Cholesky factor (:func:`shift_invert_smallest`) and falls back to ``subset``
+    when it cannot certify its answer; ``auto`` = ``shift-invert`` from :data:`SHIFT_INVERT_MIN_WIDTH` on,
+    else ``subset``. All give the same subspace wherever the eigen-gap at ``rank`` defines one. ``device``:
+    a CUDA device solves with ``torch.linalg.eigh`` there (float64; worth it for large widths).
     """
     matrix = np.asarray(matrix, dtype=np.float64)
     n = matrix.shape[0]
     if not 0 < rank <= n:
         raise OrthomergeError(f"rank {rank} must be between 1 and the module's input width {n}")
+    if solver not in SOLVERS:
+        raise OrthomergeError(f"unknown eigensolver {solver!r} (choose from {', '.join(SOLVERS)})")
     matrix = (matrix + matrix.T) / 2
     if device is not None and torch.device(device).type == "cuda":
         values, vectors = torch.linalg.eigh(torch.from_numpy(matrix).to(device))
         return values[:rank].cpu().numpy(), fix_signs(vectors[:, :rank].T.cpu().numpy().copy())
-    if subset:
-        values, vectors = scipy.linalg.eigh(matrix, subset_by_index=[0, rank - 1], driver="evr")
-    else:
+    if solver == "auto":
+        solver = "shift-invert" if n >= SHIFT_INVERT_MIN_WIDTH else "subset"
+    found = shift_invert_smallest(matrix, rank) if solver == "shift-invert" else None
+    if found is not None:
+        values, vectors = found
+    elif solver == "full":
         values, vectors = np.linalg.eigh(matrix)
         values, vectors = values[:rank], vectors[:, :rank]
-    return values, fix_signs(vectors.T)
+    else:
+        values, vectors = scipy.linalg.eigh(matrix, subset_by_index=[0, rank - 1], driver="evr")
+    return values, fix_signs(np.ascontiguousarray(vectors.T))
+
+
+def shift_invert_smallest(matrix: np.ndarray, rank: int, angle_tol: float = 1e-8):
+    """The ``rank`` smallest eigenpairs (values ascending, vectors as columns) of a symmetric positive
+    semi-definite ``matrix`` by ARPACK Lanczos on ``(M + δI)⁻¹``, δ = 1e-6·tr(M)/n, through one Cholesky
+    factor; or None where the answer is not certified, for the caller to use LAPACK instead:
+
+    * M + δI not positive definite (an indefinite matrix, e.g. ``S_¬t − β S_t``);
+    * M numerically singular (smallest eigenvalue ≤ 1e-9·tr(M)/n): Lanczos may miss copies of a repeated
+      eigenvalue, and a degenerate null space has no unique answer anyway;
+    * the residuals do not bound the subspace's largest principal angle to the true one by ``angle_tol``
+      (Davis–Kahan: max residual / (λ_{r+1} − λ_r)), e.g. a repeated or clustered λ_r.
+    """
+    import scipy.sparse.linalg
+
+    n = matrix.shape[0]
+    scale = float(np.trace(matrix)) / n
+    if not scale > 0 or rank + 1 >= n:
+        return None
+    shift = 1e-6 * scale
+    factor, info = torch.linalg.cholesky_ex(torch.from_numpy(matrix) + shift * torch.eye(n, dtype=torch.float64))
+    if info.item():
+        return None
+    factor = factor.numpy()
+    op = scipy.sparse.linalg.LinearOperator(
+        (n, n), dtype=np.float64,
+        matvec=lambda v: scipy.linalg.cho_solve((factor, True), v, check_finite=False))
+    try:
+        inverse, vectors = scipy.sparse.linalg.eigsh(op, k=rank + 1, which="LA", tol=1e-12, v0=np.ones(n))
+    except scipy.sparse.linalg.ArpackError:
+        return None
+    order = np.argsort(-inverse)                      # largest of the inverse = smallest of M
+    values, vectors = 1 / inverse[order] - shift, vectors[:, order]
+    if values[0] <= 1e-9 * scale:
+        return None
+    residual = np.linalg.norm(matrix @ vectors[:, :rank] - vectors[:, :rank] * values[:rank], axis=0).max()
+    gap = values[rank] - values[rank - 1]
+    if not gap > 0 or residual / gap > angle_tol:
+        return None
+    return values[:rank], vectors[:, :rank]
 
 
 def paper_basis(other: np.ndarray, rank: int, own: np.ndarray | None = None, beta: float = 0.0,

@@ -15,7 +15,8 @@ from orthomerge.models import load_model, load_tokenizer
 import scipy.linalg
 
 from orthomerge.osrm import (SELECTIVE_EPSILON, init_peft_model_osrm, official_basis, osrm_bases, paper_basis,
-                             post_convert, post_converted, selective_basis, smallest_eigenvectors)
+                             post_convert, post_converted, selective_basis, shift_invert_smallest,
+                             smallest_eigenvectors)
 from orthomerge.stats import collect_stats, save_stats
 
 
@@ -36,10 +37,44 @@ def test_paper_basis_is_orthonormal_and_optimal():
 
 def test_subset_solver_equals_full_solver():
     S = random_moment(64, 300, 1)
-    va, a = smallest_eigenvectors(S, 6, subset=True)
-    vb, b = smallest_eigenvectors(S, 6, subset=False)
+    va, a = smallest_eigenvectors(S, 6, solver="subset")
+    vb, b = smallest_eigenvectors(S, 6, solver="full")
     np.testing.assert_allclose(va, vb, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(a, b, atol=1e-8)
+
+
+def _largest_angle_sine(rows, reference_rows):
+    q, _ = np.linalg.qr(reference_rows.T)
+    return np.linalg.norm(rows.T - q @ (q.T @ rows.T), 2)
+
+
+def test_shift_invert_solver_gives_the_full_solves_subspace():
+    """On a full-rank Wishart matrix (smallest eigenvalues crowded at the Marchenko–Pastur edge) the
+    shift-invert solver certifies its answer and matches numpy's full eigh."""
+    n, r = 300, 8
+    S = random_moment(n, 2 * n, 11)
+    assert shift_invert_smallest(S, r) is not None
+    values, rows = smallest_eigenvectors(S, r, solver="shift-invert")
+    full_values, full_vectors = np.linalg.eigh(S)
+    np.testing.assert_allclose(values, full_values[:r], rtol=1e-10)
+    assert _largest_angle_sine(rows, full_vectors[:, :r].T) < 1e-8
+    np.testing.assert_allclose(rows, smallest_eigenvectors(S, r, solver="subset")[1], atol=1e-7)  # same signs
+    np.testing.assert_allclose(rows @ rows.T, np.eye(r), atol=1e-10)
+
+
+def test_shift_invert_declines_what_it_cannot_certify():
+    n, r = 120, 6
+    rng = np.random.default_rng(12)
+    singular = random_moment(n, 40, 13)                       # rank 40: an 80-dimensional null space
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    repeated = q @ np.diag(np.r_[np.linspace(1, 2, r - 1), [3, 3], np.linspace(4, 9, n - r - 1)]) @ q.T
+    indefinite = random_moment(n, 400, 14) - 0.5 * random_moment(n, 400, 15) * 3
+    for matrix in (singular, repeated, indefinite):
+        assert shift_invert_smallest(matrix, r) is None
+        np.testing.assert_allclose(smallest_eigenvectors(matrix, r, solver="shift-invert")[0],
+                                   smallest_eigenvectors(matrix, r, solver="subset")[0], atol=1e-10)
+    with pytest.raises(OrthomergeError, match="unknown eigensolver"):
+        smallest_eigenvectors(singular, r, solver="lobpcg")
 
 
 def test_beta_breaks_null_space_ties_toward_own_task():

@@ -29,8 +29,9 @@ DEFAULT_DTYPE = "auto"    # the checkpoint's own dtype: float32 for the bundled 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 TRAIN_TASK_TYPES = ("SEQ_CLS", "CAUSAL_LM")   # how a labelled task is learned: a head, or label completions
 
-INITS = ("lora", "osrm", "orthogonal", "lora-unit")
+INITS = ("lora", "osrm", "orthogonal", "lora-unit", "gaussian")
 FREEZE = ("A", "B", "none")
+PRECISIONS = ("no", "bf16", "fp16")   # Trainer mixed precision (autocast); "no": the model's own dtype
 OSRM_VARIANTS = ("paper", "official", "selective")
 
 
@@ -45,8 +46,9 @@ def option(help: str, default=MISSING, *, factory=MISSING, choices: tuple | None
 class TrainConfig:
     """Hyper-parameters of one LoRA fine-tune (recorded in the adapter's ``orthomerge.json``)."""
 
-    init: str = option("how A starts (B = 0): PEFT's default, OSRM, a random orthonormal A, or PEFT's default "
-                       "rescaled to unit rows", "lora", choices=INITS)
+    init: str = option("how A starts (B = 0): PEFT's default, OSRM, a random orthonormal A, PEFT's default "
+                       "rescaled to unit rows, or PEFT's gaussian A ~ N(0, 1/r²) (the paper's baseline)", "lora",
+                       choices=INITS)
     rank: int = option("LoRA rank r", 8)
     alpha: float = option("LoRA alpha (ΔW = alpha/r · B A)", 16.0)
     targets: list[str] = option("target modules (last name components, comma-separated; auto: PEFT's default "
@@ -54,12 +56,22 @@ class TrainConfig:
                                 factory=lambda: list(TARGETS))
     lr: float = option("AdamW learning rate (LoRA factors and head)", 5e-3)
     epochs: int = option("passes over the training split", 2)
-    batch_size: int = option("training batch size", 32)
+    batch_size: int = option("rows per optimiser step and accumulation step, across all processes "
+                             "(torchrun / accelerate split it)", 32)
+    gradient_accumulation: int = option("batches accumulated per optimiser step (effective batch: "
+                                        "batch_size × this)", 1)
     max_length: int = option("tokens per row (longer rows are truncated)", MAX_LENGTH)
     seed: int = option("seed of the head init, PEFT's A init and the data order", 0)
     freeze: str = option("keep A or B at its init while training", "none", choices=FREEZE)
     warmup: float = option("fraction of the steps with a linear learning-rate warm-up", 0.06)
     weight_decay: float = option("AdamW weight decay", 0.0)
+    max_grad_norm: float = option("clip the gradient norm to this; 0 = no clipping", 0.0)
+    precision: str = option("mixed precision of the Trainer (autocast): no, bf16, fp16 (fp16 needs CUDA)", "no",
+                            choices=PRECISIONS)
+    gradient_checkpointing: bool = option("recompute activations in the backward pass (less memory, slower)",
+                                          False)
+    keep_best: bool = option("keep the epoch with the best validation score (the paper's code), not the last",
+                             False)
     variant: str = option("OSRM variant (official: the released code's init)", "paper", choices=OSRM_VARIANTS)
     beta: float = option("OSRM own-task tie-break: minimise tr(A(S_other − β S_own)Aᵀ); 0 = the paper", 0.0)
     subspace_k: int = option("> 0: A may rotate only within the k lowest-interference directions (k ≥ rank)", 0)
@@ -80,10 +92,50 @@ class TrainConfig:
             raise OrthomergeError(f"freeze must be A, B or none, got {self.freeze!r}")
         if self.subspace_k and self.subspace_k < self.rank:
             raise OrthomergeError(f"subspace k={self.subspace_k} must be ≥ rank {self.rank}")
-        for name in ("lr", "epochs", "batch_size", "max_length", "rank"):
+        if self.precision not in PRECISIONS:
+            raise OrthomergeError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.max_grad_norm < 0 or self.weight_decay < 0 or not 0 <= self.warmup < 1:
+            raise OrthomergeError("max_grad_norm and weight_decay must be ≥ 0 and warmup in [0, 1)")
+        for name in ("lr", "epochs", "batch_size", "gradient_accumulation", "max_length", "rank"):
             if getattr(self, name) <= 0:
                 raise OrthomergeError(f"{name} must be positive, got {getattr(self, name)}")
 
     @property
     def needs_stats(self) -> bool:
         return self.init == "osrm" or self.subspace_k > 0 or self.interference_weight > 0
+
+    @classmethod
+    def protocol(cls, name: str, **overrides) -> "TrainConfig":
+        """The preset ``name`` of :data:`PROTOCOLS` (``overrides`` win over it): e.g. ``protocol("paper",
+        epochs=3)``."""
+        if name not in PROTOCOLS:
+            raise OrthomergeError(f"unknown protocol {name!r} (choose from {', '.join(PROTOCOLS)})")
+        return cls(**{**PROTOCOLS[name], **overrides})
+
+
+# The official OSRM code's training recipe (RoBERTa-large on GLUE: a transformers Trainer run): what
+# protocol_deviations compares a config with. batch = batch_size × gradient_accumulation (64 = 32 × 2 too).
+PAPER_RECIPE = {"lr": 4e-4, "warmup": 0.06, "weight_decay": 0.0, "batch": 64, "max_length": 128, "keep_best": True,
+                "rank": 8, "alpha": 16.0, "targets": ["auto"], "max_grad_norm": 1.0, "epochs": 10,
+                "precision": "bf16"}
+# Named presets of TrainConfig (``orthomerge train --protocol NAME``; explicit options override them).
+# "paper": the official recipe but for what depends on the machine: epochs (the caller's) and precision.
+PROTOCOLS = {
+    "default": {},
+    "paper": {k: v for k, v in PAPER_RECIPE.items() if k not in ("batch", "epochs", "precision")}
+             | {"batch_size": 64, "gradient_accumulation": 1},
+}
+
+
+def protocol_deviations(config: TrainConfig, recipe: dict | None = None) -> list[str]:
+    """Where ``config`` departs from the official recipe (default :data:`PAPER_RECIPE`), one line each,
+    e.g. ``"epochs: 2 (official: 10)"``: what a report lists under the paper protocol."""
+    recipe = PAPER_RECIPE if recipe is None else recipe
+    out = []
+    for key, official in recipe.items():
+        value = (config.batch_size * config.gradient_accumulation if key == "batch" else getattr(config, key))
+        if value != official:
+            shown = (f"{config.batch_size} × {config.gradient_accumulation} accumulation" if key == "batch"
+                     else value)
+            out.append(f"{key}: {shown} (official: {official})")
+    return out

@@ -1,32 +1,39 @@
-"""LoRA fine-tuning of one task, with the standard init, OSRM, or scale-matched controls.
+"""LoRA fine-tuning of one task on transformers' ``Trainer``, with the standard init, OSRM, or controls.
 
-Every init sees the same head init, data order and hyper-parameters for a given seed, so arms differ
-only in how ``A`` starts (and, optionally, how it may move): that is what makes comparisons fair.
+Every init sees the same head init, data order and hyper-parameters for a given seed (``Trainer``'s
+``seed`` and ``data_seed``), so arms differ only in how ``A`` starts (and, optionally, how it may move):
+that is what makes comparisons fair. Because the loop is ``Trainer``'s, ``torchrun`` / ``accelerate
+launch`` run it data-parallel, and mixed precision, gradient accumulation and checkpointing are its own.
 
-Inits: ``lora`` (PEFT default, Kaiming-uniform A), ``osrm`` (paper), ``orthogonal`` (a random orthonormal
-A, unit rows, data-free), ``lora-unit`` (the PEFT default A rescaled to unit rows). Options that keep A
-near its subspace: ``freeze="A"``; ``subspace_k`` (A may only rotate within the k lowest-interference
-directions: projected after every step); ``interference_weight`` μ (adds μ·tr(A S_¬t Aᵀ)/tr(A Aᵀ), with
-S_¬t divided by its mean eigenvalue so μ does not depend on the activations' scale).
+Inits: ``lora`` (PEFT default, Kaiming-uniform A), ``gaussian`` (PEFT's ``init_lora_weights="gaussian"``,
+A ~ N(0, 1/r²): the paper's baseline), ``osrm`` (paper), ``orthogonal`` (a random orthonormal A, unit rows,
+data-free), ``lora-unit`` (the PEFT default A rescaled to unit rows). Options that keep A near its
+subspace: ``freeze="A"``; ``subspace_k`` and ``interference_weight``, the public pieces of
+:mod:`orthomerge.callbacks` (a projection callback and a loss term) that a user's own Trainer can take too.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import random
+import tempfile
 import time
 from dataclasses import asdict
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from transformers import TrainerCallback
 
 from . import causal, encoding
 from .adapters import LoraAdapter, from_peft_model, lora_layers, new_peft_model, set_lora_A
+from .callbacks import (InterferenceRegulariser, InterferenceTrainer, SubspaceProjection,  # noqa: F401
+                        interference_penalty)
 from .config import DEFAULT_DEVICE, DEFAULT_DTYPE, INITS, TrainConfig  # noqa: F401  (importable from here)
 from .errors import OrthomergeError
 from .evaluate import predict
 from .models import load_model, load_tokenizer, resolve_device
-from .osrm import osrm_bases, other_second_moment, smallest_eigenvectors
+from .osrm import osrm_bases
 from .stats import ActivationStats
 from .tasks import Task, compute_metric
 
@@ -49,29 +56,10 @@ def initialise(peft_model, config: TrainConfig, others: list[ActivationStats] | 
     elif config.init == "lora-unit":
         bases = {m: torch.nn.functional.normalize(layer.lora_A[name].weight.detach().double(), dim=1)
                  for m, layer in layers.items()}
-    else:
-        return {"init": "lora"}
+    else:   # lora, gaussian: PEFT's own init, already in place
+        return {"init": config.init}
     set_lora_A(peft_model, bases)
     return {"init": config.init}
-
-
-def _batches(encodings: list[dict], labels: list, order: list[int], batch_size: int, tokenizer, regression: bool,
-             device=None):
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = encoding.pad(tokenizer, encodings, idx, device)
-        dtype = torch.float32 if regression else torch.long
-        batch["labels"] = torch.tensor([labels[i] for i in idx], dtype=dtype, device=device)
-        yield batch
-
-
-def _training_batches(task: Task, config: TrainConfig, tokenizer, order: list[int], device):
-    """The task's training rows in ``order``: labelled (a head) or prompt + completion (a causal LM)."""
-    if config.task_type == "CAUSAL_LM":
-        return causal.training_batches(tokenizer, task.train, task.label_names, config.prompt or None,
-                                       config.max_length, order, config.batch_size, device)
-    encodings = encoding.encode(tokenizer, task.train, config.max_length)
-    return _batches(encodings, task.train.labels, order, config.batch_size, tokenizer, task.is_regression, device)
 
 
 def validation_score(model, tokenizer, task: Task, config: TrainConfig) -> float:
@@ -81,50 +69,6 @@ def validation_score(model, tokenizer, task: Task, config: TrainConfig) -> float
                                   config.prompt or None, config.max_length)
     return compute_metric(task.metric, predict(model, tokenizer, task.validation, config.max_length),
                           task.validation.labels)
-
-
-class _Constraints:
-    """Subspace projection and interference regulariser, both from the other tasks' statistics."""
-
-    def __init__(self, peft_model, config: TrainConfig, others: list[ActivationStats] | None):
-        self.name = peft_model.active_adapter
-        self.layers = lora_layers(peft_model)
-        self.projectors, self.moments = {}, {}
-        if not (config.subspace_k or config.interference_weight):
-            return
-        if not others:
-            raise OrthomergeError("subspace/interference options need the other tasks' statistics")
-        for m in self.layers:
-            like = self.layers[m].lora_A[self.name].weight   # the A's device and dtype
-            moment = other_second_moment(others, m)
-            if config.subspace_k:
-                _, rows = smallest_eigenvectors(moment, config.subspace_k)
-                u = torch.from_numpy(rows.T).float()
-                self.projectors[m] = (u @ u.T).to(like)
-            if config.interference_weight:  # S / (tr S / n): μ is dimensionless, the penalty's mean is 1
-                self.moments[m] = torch.from_numpy(moment * len(moment) / np.trace(moment)).to(like)
-        self.mu = config.interference_weight
-
-    def project(self) -> None:
-        """Put each A back into its allowed subspace (after every optimiser step and at the start)."""
-        with torch.no_grad():
-            for m, p in self.projectors.items():
-                w = self.layers[m].lora_A[self.name].weight
-                w.copy_(w @ p)
-
-    def penalty(self) -> torch.Tensor | float:
-        """μ · Σ_modules tr(A S_¬t Aᵀ) / tr(A Aᵀ)."""
-        if not self.moments:
-            return 0.0
-        total = 0.0
-        for m, s in self.moments.items():
-            total = total + interference_penalty(self.layers[m].lora_A[self.name].weight, s)
-        return self.mu * total
-
-
-def interference_penalty(A: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
-    """tr(A S Aᵀ) / tr(A Aᵀ): the other tasks' mean energy through A, scale-free."""
-    return torch.einsum("rn,nm,rm->", A, moment, A) / (A * A).sum()
 
 
 def initialised_model(model_spec: str, task: Task, config: TrainConfig,
@@ -140,12 +84,23 @@ def initialised_model(model_spec: str, task: Task, config: TrainConfig,
 
 @contextlib.contextmanager
 def _seeded(seed: int, device):
-    """torch's global generators seeded with ``seed`` for the duration, the caller's state restored after:
-    PEFT's A init and the model's dropout draw from them, so a seed fixes both."""
+    """torch's global generators seeded with ``seed`` for the duration; the caller's torch (CPU and CUDA),
+    numpy and python ``random`` states and environment restored after (``Trainer`` calls ``set_seed``,
+    which seeds all three). PEFT's A init and the model's dropout draw from them, so a seed fixes both."""
     device = resolve_device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
+    cuda = (list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized()
+            else [device] if device.type == "cuda" else [])
+    python_state, numpy_state, environment = random.getstate(), np.random.get_state(), dict(os.environ)
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        if dict(os.environ) != environment:   # e.g. accelerate's ACCELERATE_* switches
+            os.environ.clear()
+            os.environ.update(environment)
 
 
 def _initialised(model_spec, task, config, others, own, device, dtype):
@@ -157,7 +112,8 @@ def _initialised(model_spec, task, config, others, own, device, dtype):
     model = load_model(model_spec, num_labels=task.num_labels, regression=task.is_regression, seed=config.seed,
                        task_type=config.task_type, dtype=dtype, device=resolve_device(device))
     torch.manual_seed(config.seed)
-    peft_model = new_peft_model(model, config.targets, config.rank, config.alpha, task_type=config.task_type)
+    peft_model = new_peft_model(model, config.targets, config.rank, config.alpha, task_type=config.task_type,
+                                init="gaussian" if config.init == "gaussian" else True)
     return peft_model, initialise(peft_model, config, others, own)
 
 
@@ -167,60 +123,154 @@ def lora_A(peft_model) -> dict[str, torch.Tensor]:
             for m, layer in lora_layers(peft_model).items()}
 
 
+def training_rows(task: Task, config: TrainConfig, tokenizer) -> list[dict]:
+    """The task's training rows, tokenised and unpadded, with their ``labels``: the Trainer's dataset
+    (a head's class id / float, or a causal LM's prompt + completion with labels on the completion only)."""
+    if config.task_type == "CAUSAL_LM":
+        data = causal.verbalise(task.train, task.label_names, config.prompt or None)
+        return causal.encode_completions(tokenizer, data.prompts, data.completions, config.max_length)
+    rows = encoding.encode(tokenizer, task.train, config.max_length)
+    for row, label in zip(rows, task.train.labels):
+        row["labels"] = float(label) if task.is_regression else int(label)
+    return rows
+
+
+def collator(config: TrainConfig, tokenizer):
+    """Dynamic padding to the batch's longest row (transformers' collators; causal-LM labels padded with
+    IGNORE, see :func:`orthomerge.causal.collate`)."""
+    if config.task_type == "CAUSAL_LM":
+        from functools import partial
+
+        return partial(causal.collate, tokenizer)
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+
+def training_arguments(config: TrainConfig, output_dir: str, progress: bool = True, device=DEFAULT_DEVICE):
+    """``TrainingArguments`` from ``config``: AdamW (torch), linear schedule with ``warmup`` as a fraction of
+    the steps, ``seed`` = ``data_seed`` = ``config.seed``; ``batch_size`` split over the processes (and GPUs
+    of a single process), so the rows per optimiser step are the same however the run is launched.
+    Nothing is saved or reported (the adapter is what :func:`train_adapter` returns); the loss is logged
+    once per epoch."""
+    from transformers import TrainingArguments
+
+    cpu = resolve_device(device).type == "cpu"
+    if config.precision == "fp16" and resolve_device(device).type != "cuda":
+        raise OrthomergeError(f"precision fp16 needs a CUDA device, not {resolve_device(device)} (bf16 runs anywhere)")
+    args = TrainingArguments(
+        output_dir=output_dir, num_train_epochs=config.epochs, learning_rate=config.lr,
+        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, optim="adamw_torch",
+        lr_scheduler_type="linear", warmup_steps=config.warmup,   # a float < 1: a fraction of the steps
+        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.gradient_accumulation,
+        bf16=config.precision == "bf16", fp16=config.precision == "fp16",
+        activation_checkpointing=config.gradient_checkpointing,   # transformers 5's name for it
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        seed=config.seed, data_seed=config.seed, use_cpu=cpu, dataloader_pin_memory=not cpu,
+        eval_strategy="no", save_strategy="no", logging_strategy="epoch", report_to="none",
+        disable_tqdm=not progress, remove_unused_columns=False, label_names=["labels"],
+    )
+    shares = args.world_size * max(1, args.n_gpu)
+    if config.batch_size % shares:
+        raise OrthomergeError(f"batch size {config.batch_size} does not split evenly over {shares} devices")
+    args.per_device_train_batch_size = config.batch_size // shares
+    return args
+
+
+class EpochValidation(TrainerCallback):
+    """The validation score after every epoch (recorded in ``history``) and, with ``keep_best``, the
+    trainable weights of the best epoch kept in memory and restored at train end: the paper code's best
+    checkpoint, without writing checkpoints. (Not ``Trainer.evaluate``: a causal LM is scored by the
+    likelihood of each label's completion, which its loop does not compute.)"""
+
+    def __init__(self, score, keep_best: bool):
+        self.score, self.keep_best = score, keep_best
+        self.history, self.best, self.best_epoch, self.best_state, self.seconds = [], -math.inf, 0, None, 0.0
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        started = time.time()
+        value = self.score(model)
+        self.seconds += time.time() - started
+        self.history.append({"epoch": len(self.history) + 1, "value": value})
+        if not self.keep_best or (not math.isnan(value) and value > self.best):
+            self.best, self.best_epoch = value, len(self.history)
+            if self.keep_best:
+                self.best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.train()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "loss" in (logs or {}) and self.history and "train_loss" not in self.history[-1]:
+            self.history[-1]["train_loss"] = float(logs["loss"])
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.best_state is not None:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in self.best_state:
+                        p.copy_(self.best_state[n])
+
+
+def build_trainer(peft_model, tokenizer, task: Task, config: TrainConfig, args, others=None, callbacks=()):
+    """orthomerge's ``Trainer`` for one task: the library's loop, optimiser, schedule and collator, plus the
+    constraints of :mod:`orthomerge.callbacks` that ``config`` asks for (projection, interference term)."""
+    from transformers import PrinterCallback
+
+    extra = list(callbacks)
+    if config.subspace_k:
+        extra.append(SubspaceProjection(peft_model, others, config.subspace_k))
+    interference = (InterferenceRegulariser(peft_model, others, config.interference_weight)
+                    if config.interference_weight else None)
+    trainer = InterferenceTrainer(model=peft_model, args=args, train_dataset=training_rows(task, config, tokenizer),
+                                  data_collator=collator(config, tokenizer), callbacks=extra,
+                                  interference=interference)
+    trainer.remove_callback(PrinterCallback)   # quiet runs print nothing
+    if config.task_type == "SEQ_CLS":
+        # A head's loss is a per-batch mean that ignores num_items_in_batch although its forward takes
+        # **kwargs: told so, the Trainer divides it by the accumulation steps (and does not multiply it by
+        # the process count) instead of inflating it (transformers issue #47688)
+        trainer.model_accepts_loss_kwargs = False
+    return trainer
+
+
 def train_adapter(model_spec: str, task: Task, config: TrainConfig,
                   others: list[ActivationStats] | None = None, own: ActivationStats | None = None,
                   progress: bool = True, device=DEFAULT_DEVICE, dtype=DEFAULT_DTYPE) -> LoraAdapter:
-    """Fine-tune a LoRA (and the task head, for ``SEQ_CLS``) on ``task.train``; validate after every epoch.
-    ``device`` / ``dtype``: where and in which precision the base runs (the LoRA factors stay float32).
-    The caller's random state is left as it was."""
-    with _seeded(config.seed, device):
-        return _train(model_spec, task, config, others, own, progress, device, dtype)
-
-
-def _train(model_spec, task, config, others, own, progress, device, dtype) -> LoraAdapter:
-    """:func:`train_adapter`'s body, inside :func:`_seeded`."""
+    """Fine-tune a LoRA (and the task head, for ``SEQ_CLS``) on ``task.train`` with transformers'
+    ``Trainer``; validate after every epoch (``history``) and keep the last epoch, or the best with
+    ``config.keep_best``. ``device`` / ``dtype``: where and in which precision the base runs (the LoRA
+    factors stay float32); under ``torchrun`` each process trains on its own device. The caller's random
+    state (torch, numpy, python) is left as it was. Every process returns the same adapter."""
     config.check()
     if config.needs_stats and not others:
         raise OrthomergeError(f"init {config.init!r} with these options needs the other tasks' statistics")
+    with _seeded(config.seed, device), tempfile.TemporaryDirectory(prefix="orthomerge-train-") as scratch:
+        return _train(model_spec, task, config, others, own, progress, device, dtype, scratch)
+
+
+def _train(model_spec, task, config, others, own, progress, device, dtype, scratch) -> LoraAdapter:
+    """:func:`train_adapter`'s body, inside :func:`_seeded`."""
     started = time.time()
+    args = training_arguments(config, scratch, progress, device)
+    asked = resolve_device(device)
+    if asked.index is not None and asked != args.device and args.world_size == 1:
+        raise OrthomergeError(f"device {asked}: the Trainer trains on {args.device}; select the GPU with "
+                              "CUDA_VISIBLE_DEVICES instead")
     tokenizer = load_tokenizer(model_spec)
-    peft_model, init_meta = _initialised(model_spec, task, config, others, own, device, dtype)
-    device = next(peft_model.parameters()).device
+    peft_model, init_meta = _initialised(model_spec, task, config, others, own, args.device, dtype)
     initial_A = lora_A(peft_model)
-    constraints = _Constraints(peft_model, config, others)
-    constraints.project()
     for name, p in peft_model.named_parameters():
         if (config.freeze == "A" and "lora_A" in name) or (config.freeze == "B" and "lora_B" in name):
             p.requires_grad_(False)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps = config.epochs * math.ceil(len(task.train) / config.batch_size)
-    warmup = int(config.warmup * steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
-    order_rng = torch.Generator().manual_seed(config.seed)
-    history = []
-    bar = tqdm(total=steps, desc=f"train {task.name} ({config.init})", unit="step", disable=not progress)
-    for epoch in range(config.epochs):
-        peft_model.train()
-        order = torch.randperm(len(task.train), generator=order_rng).tolist()
-        losses = []
-        for batch in _training_batches(task, config, tokenizer, order, device):
-            loss = peft_model(**batch).loss + constraints.penalty()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            optimiser.zero_grad(set_to_none=True)
-            constraints.project()
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        score = validation_score(peft_model, tokenizer, task, config)
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), f"val_{task.metric}": score})
-    bar.close()
+    validation = EpochValidation(lambda model: validation_score(model, tokenizer, task, config), config.keep_best)
+    trainer = build_trainer(peft_model, tokenizer, task, config, args, others, [validation])
+    trainer.train()
+    history = [{"epoch": h["epoch"], "train_loss": h.get("train_loss", float("nan")), f"val_{task.metric}": h["value"]}
+               for h in validation.history]
     metadata = {
         **init_meta, "task": task.name, "metric": task.metric, "labels": task.label_names,
-        "config": asdict(config), "history": history, "train_seconds": round(time.time() - started, 1),
+        "config": asdict(config), "history": history, "best_epoch": validation.best_epoch,
+        "train_seconds": round(time.time() - started, 1), "validation_seconds": round(validation.seconds, 1),
+        "processes": args.world_size, "steps": trainer.state.global_step,
         "model": model_spec, "dtype": str(next(peft_model.get_base_model().parameters()).dtype).replace("torch.", ""),
     }
     adapter = from_peft_model(peft_model.eval(), metadata=metadata)

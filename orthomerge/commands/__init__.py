@@ -55,21 +55,27 @@ def checked_out(args: argparse.Namespace, inputs=(), resume: bool = False):
                         is_file=args.out_is_file, resume=resume)
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None) -> None:
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None,
+                          unset: bool = False) -> None:
     """One ``--field-name`` option per field of the dataclass ``cls`` (or the fields named in ``only``):
     default (and so type) from the field, help text and choices from its metadata
     (:func:`orthomerge.config.option`). A list field takes one comma-separated value and stays a string
-    until the command parses it."""
+    until the command parses it. ``unset``: an option not given is absent from the parsed arguments (so
+    that a preset can fill it), its help still showing the field's default."""
     for f in fields(cls):
         if only is not None and f.name not in only:
             continue
         default = f.default if f.default is not MISSING else f.default_factory()
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         kwargs = {"default": default, "help": f"{f.metadata['help']} (default {shown})".replace("%", "%%")}
-        if not isinstance(default, list):
+        if isinstance(default, bool):   # --name / --no-name
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif not isinstance(default, list):
             kwargs["type"] = f.metadata.get("parse", type(default))
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+        if unset:
+            kwargs["default"] = argparse.SUPPRESS
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 

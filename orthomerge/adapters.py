@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,6 +396,8 @@ def new_peft_model(model: nn.Module, targets: list[str], rank: int = 8, alpha: f
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolve_targets(model, targets),
                         use_rslora=rslora, task_type=task_type, init_lora_weights=init)
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():   # PEFT reads transformers' deprecated is_gradient_checkpointing (a FutureWarning)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = model.config.name_or_path
     return peft_model

@@ -52,7 +52,8 @@ class TrainConfig:
     rank: int = option("LoRA rank r", 8)
     alpha: float = option("LoRA alpha (ΔW = alpha/r · B A)", 16.0)
     targets: list[str] = option("target modules (last name components, comma-separated; auto: PEFT's default "
-                                "for the architecture, e.g. query,value or q_proj,v_proj)",
+                                "for the architecture, e.g. query,value or q_proj,v_proj; all-linear: every linear "
+                                "module but the head)",
                                 factory=lambda: list(TARGETS))
     lr: float = option("AdamW learning rate (LoRA factors and head)", 5e-3)
     epochs: int = option("passes over the training split", 2)

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import contextlib
@@ -192,9 +193,40 @@ def resolve_dtype(dtype, path: Path | None = None) -> torch.dtype:
     return DTYPES[name]
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(value):
+    """``--device-map``: one of accelerate's strategies, a JSON object, or a JSON file mapping module names
+    to devices (``{"model.layers.0": 0, "model.layers.1": "cpu", "lm_head": "disk"}``); None stays None."""
+    if value is None or isinstance(value, dict) or value in DEVICE_MAP_STRATEGIES:
+        return value
+    text = Path(value).read_text() if Path(value).is_file() else str(value)
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError:
+        mapping = None
+    if not isinstance(mapping, dict):
+        raise OrthomergeError(f"device map {value!r}: choose {', '.join(DEVICE_MAP_STRATEGIES)}, a JSON object "
+                              "or a JSON file mapping module names to devices")
+    return mapping
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: the execution device of its first mapped module for a model loaded with a
+    ``device_map`` (modules offloaded to the CPU or disk execute on the CPU), else its first parameter's."""
+    mapping = getattr(model, "hf_device_map", None)
+    if mapping:
+        first = next(iter(mapping.values()))
+        return torch.device("cpu") if first in ("cpu", "disk", "meta") else torch.device(
+            f"cuda:{first}" if isinstance(first, int) else first)
+    return next(model.parameters()).device
+
+
 def load_model(spec: str, num_labels: int = 2, regression: bool = False, seed: int = 0,
                task_type: str | None = "SEQ_CLS", weights: bool = True, pad_from_tokenizer: bool = True,
-               model_class: str | None = None, dtype=DEFAULT_DTYPE, device=None):
+               model_class: str | None = None, dtype=DEFAULT_DTYPE, device=None, device_map=None,
+               offload_folder: str | Path | None = None):
     """The base model as ``task_type`` (PEFT's names; default sequence classification).
 
     ``model_class`` (a transformers class name) overrides the task type's Auto class: an adapter with no
@@ -204,6 +236,9 @@ def load_model(spec: str, num_labels: int = 2, regression: bool = False, seed: i
     any weight file (enough to validate adapters). A missing ``pad_token_id`` is taken from the tokenizer
     unless ``pad_from_tokenizer`` is false (a merge needs no tokenizer). ``dtype`` (see :func:`resolve_dtype`)
     and ``device`` (see :func:`resolve_device`; default the CPU) place the loaded weights.
+    ``device_map`` (see :func:`parse_device_map`; instead of ``device``) spreads a model larger than one device
+    over GPUs, the CPU and disk (accelerate); modules mapped to ``"disk"`` are offloaded to ``offload_folder``
+    (default: a temporary folder that lives as long as the model).
     """
     import transformers
 
@@ -214,10 +249,19 @@ def load_model(spec: str, num_labels: int = 2, regression: bool = False, seed: i
     try:
         with _quiet_transformers():
             if weights:
+                offload = None
+                if device_map is not None:
+                    if offload_folder is None:
+                        offload = tempfile.TemporaryDirectory(prefix="orthomerge-offload-")
+                        offload_folder = offload.name
+                    kwargs.update(device_map=parse_device_map(device_map), offload_folder=str(offload_folder))
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
                     model = auto.from_pretrained(str(path), dtype=resolve_dtype(dtype, path), **kwargs)
-                model = model.to(torch.device(device) if device is not None else "cpu")
+                if device_map is None:
+                    model = model.to(torch.device(device) if device is not None else "cpu")
+                elif offload is not None:
+                    model._orthomerge_offload = offload   # removed with the model
             else:
                 kwargs.pop("ignore_mismatched_sizes", None)
                 config = transformers.AutoConfig.from_pretrained(str(path), **kwargs)
@@ -260,7 +304,12 @@ def head_module_names(model: nn.Module) -> list[str]:
 
 
 def resolve_targets(model: nn.Module, targets) -> list[str]:
-    """``["auto"]`` → PEFT's default LoRA targets for the model's architecture; anything else as given."""
+    """``["auto"]`` → PEFT's default LoRA targets for the model's architecture; ``["all-linear"]`` → every
+    linear module but the heads (PEFT's ``all-linear``); anything else as given."""
+    if list(targets) == ["all-linear"]:
+        heads = tuple(head_module_names(model))
+        return sorted({name.split(".")[-1] for name, module in model.named_modules()
+                       if isinstance(module, nn.Linear) and not name.startswith(heads)})
     if list(targets) != ["auto"]:
         return list(targets)
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
@@ -317,6 +366,9 @@ def model_fingerprint(model: nn.Module, precision: torch.dtype = torch.bfloat16)
     for name, param in model.named_parameters():
         if name.startswith(heads) or "lora_" in name:
             continue
+        if param.device.type == "meta":   # offloaded by a device map: read from accelerate's weights map
+            owner, _, leaf = name.rpartition(".")
+            param = model.get_submodule(owner)._hf_hook.weights_map[leaf]
         flat = param.detach().reshape(-1)[:256].to(precision).to(torch.float32).cpu().contiguous()
         digest.update(name.replace(".base_layer", "").encode())  # same identity inside a PEFT wrapper
         digest.update(str(tuple(param.shape)).encode())

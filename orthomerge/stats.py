@@ -22,7 +22,7 @@ from .adapters import read_safetensors
 from .config import STATS_BATCH_SIZE, STATS_MAX_LENGTH
 from .errors import OrthomergeError
 from .outputs import atomic_file
-from .models import find_targets, model_fingerprint, resolve_targets
+from .models import find_targets, input_device, model_fingerprint, resolve_targets
 
 FORMAT = "orthomerge.stats/1"
 _FIELDS = {"gram": "grams", "mean_sum": "mean_sum"}  # file suffix → attribute (an old "::sum" is ignored)
@@ -135,6 +135,18 @@ def available_memory(device) -> int | None:
         return None
 
 
+def accumulator_memory(model: nn.Module) -> int | None:
+    """Free bytes where :func:`collect_stats` keeps its sums: each CUDA device the model's inputs reach
+    (every GPU of a device map), and the host's RAM for modules on the CPU or disk."""
+    mapping = getattr(model, "hf_device_map", None)
+    places = set(mapping.values()) if mapping else {input_device(model)}
+    devices = {torch.device("cuda", p) if isinstance(p, int) else torch.device("cpu" if p in ("disk", "meta") else p)
+               for p in places}
+    devices = {d if d.type == "cuda" else torch.device("cpu") for d in devices}
+    free = [available_memory(d) for d in devices]
+    return None if None in free else sum(free)
+
+
 def collect_stats(model: nn.Module, tokenizer, texts: list[str], targets: list[str],
                   pairs: list[str] | None = None, max_length: int = STATS_MAX_LENGTH, batch_size: int = STATS_BATCH_SIZE,
                   progress: bool = True, model_name: str | None = None, float64: bool = False,
@@ -148,7 +160,9 @@ def collect_stats(model: nn.Module, tokenizer, texts: list[str], targets: list[s
     needs, see :func:`memory_plan`); ``max_bytes`` refuses, before the first batch, a plan larger than that.
 
     Under an initialised ``torch.distributed`` group, process ``k`` of ``W`` takes rows ``k, k+W, …`` and
-    the sums are all-reduced, so every process returns the statistics of all rows.
+    the sums are all-reduced, so every process returns the statistics of all rows. A model loaded with a
+    ``device_map`` (split over GPUs, the CPU and disk) works as it is: each sum lives on its module's
+    CUDA device, or on the CPU.
     """
     if not texts:
         raise OrthomergeError("no texts to collect statistics from")
@@ -167,28 +181,32 @@ def collect_stats(model: nn.Module, tokenizer, texts: list[str], targets: list[s
     width = {name: modules[name].in_features for name in names}
     model.eval()
 
-    state = {"mask": None, "captured": None}
+    state = {"mask": None, "masks": {}, "captured": None}
     gram, mean_sum = {}, {}
 
     product = torch.float64 if float64 else torch.float32
     plan = memory_plan(model, targets, storage)
     check_fits(plan, max_bytes)
     held = STORAGE[storage]
-    device = next(model.parameters()).device
-    # the float64 sums live where float64 is fast and exact enough: on a CUDA device, else the CPU (MPS has none)
-    acc = device if device.type == "cuda" else torch.device("cpu")
+    device = input_device(model)
 
     def accumulate(key: str, x: torch.Tensor) -> None:
-        mask = state["mask"]
-        if x.ndim != 3 or x.shape[:2] != mask.shape:
+        if x.ndim != 3 or x.shape[:2] != state["mask"].shape:
             raise OrthomergeError(f"module {key!r} does not receive one input per token (input shape "
                                   f"{tuple(x.shape)}); choose other targets")
+        if x.device not in state["masks"]:   # a device map spreads the inputs over devices
+            state["masks"][x.device] = state["mask"].to(x.device)
+        mask = state["masks"][x.device]
         x = x.detach().to(product)   # whatever the model's dtype (bf16 inputs are exact in float32)
         tokens = x[mask]
         if key not in gram:
             n = x.shape[-1]
+            # the float64 sums live where float64 is fast and exact enough: on the input's CUDA device, else
+            # the CPU (MPS has no float64)
+            acc = x.device if x.device.type == "cuda" else torch.device("cpu")
             gram[key] = torch.zeros(n, n, dtype=held, device=acc)
             mean_sum[key] = torch.zeros(n, dtype=torch.float64, device=acc)
+        acc = gram[key].device
         gram[key] += (tokens.T @ tokens).to(acc, held)
         weights = mask.to(product)
         per_sample = torch.bmm(weights[:, None, :], x)[:, 0].to(acc, torch.float64)
@@ -211,7 +229,7 @@ def collect_stats(model: nn.Module, tokenizer, texts: list[str], targets: list[s
             idx = rows[start:start + batch_size]
             batch = tokenizer([texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None,
                               truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
-            state["mask"] = batch["attention_mask"].bool()
+            state["mask"], state["masks"] = batch["attention_mask"].bool(), {}
             first = not groups
             state["captured"] = {} if first else None
             with torch.inference_mode():
@@ -237,7 +255,8 @@ def collect_stats(model: nn.Module, tokenizer, texts: list[str], targets: list[s
             handle.remove()
     if distributed:
         # Every process must hold the same groups: the first batch decides them on every rank alike.
-        counts = torch.tensor([tokens_seen, samples_seen], dtype=torch.float64)
+        where = next(iter(gram.values())).device   # nccl reduces CUDA tensors, gloo CPU ones
+        counts = torch.tensor([tokens_seen, samples_seen], dtype=torch.float64, device=where)
         dist.all_reduce(counts)
         tokens_seen, samples_seen = int(counts[0]), int(counts[1])
         for key in groups:
@@ -333,11 +352,15 @@ def check_matches_model(stats: ActivationStats, model: nn.Module, modules: list[
                               f"(collected for targets {stats.meta.get('targets')})")
 
 
-def init_distributed_from_env() -> bool:
-    """Join a gloo process group when launched by torchrun/accelerate (WORLD_SIZE > 1)."""
+def init_distributed_from_env(device=None) -> bool:
+    """Join a process group when launched by torchrun/accelerate (WORLD_SIZE > 1): nccl when the
+    statistics run on CUDA (each process then uses GPU ``LOCAL_RANK``), gloo on the CPU."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return dist.is_initialized()
-    dist.init_process_group(backend="gloo")
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
     return True

@@ -227,3 +227,62 @@ def test_float32_storage_agrees_with_float64_and_loads_as_float64(tiny_bert, tmp
     assert float((half.gram(m) - full.gram(m)).norm() / full.gram(m).norm()) < 1e-6
     again = load_stats(save_stats(half, tmp_path / "h.safetensors"))
     assert again.meta["storage"] == "float32" and torch.equal(again.gram(m), half.gram(m))
+
+
+BERT_LAYOUT = {"bert.embeddings": "cpu", "bert.encoder.layer.0": "cpu", "bert.encoder.layer.1": "disk",
+               "bert.pooler": "cpu", "dropout": "cpu", "classifier": "cpu"}
+LLAMA_LAYOUT = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
+                "model.norm": "cpu", "model.rotary_emb": "cpu", "score": "cpu"}
+
+
+@pytest.mark.parametrize("fixture,targets,layout", [("tiny_bert", ["query", "value"], BERT_LAYOUT),
+                                                    ("tiny_llama", ["q_proj", "v_proj", "down_proj"], LLAMA_LAYOUT)])
+def test_stats_of_a_device_mapped_model_equal_the_single_device_ones(request, fixture, targets, layout, tmp_path):
+    """A model loaded with a device map (one layer offloaded to disk through accelerate's hooks, as a model
+    larger than its GPUs would be) gives the single-device statistics and the same fingerprint."""
+    from orthomerge.models import model_fingerprint
+
+    path = request.getfixturevalue(fixture)
+    tok = load_tokenizer(path)
+    plain = load_model(path)
+    mapped = load_model(path, device_map=layout, offload_folder=tmp_path / "offload")
+    offloaded = next(k for k, v in layout.items() if v == "disk")
+    assert next(p for n, p in mapped.named_parameters() if n.startswith(offloaded)).device.type == "meta"
+    assert model_fingerprint(mapped) == model_fingerprint(plain)
+    expected = collect_stats(plain, tok, TEXTS, targets, batch_size=5, progress=False)
+    got = collect_stats(mapped, tok, TEXTS, targets, batch_size=5, progress=False)
+    assert got.groups == expected.groups and got.token_count == expected.token_count
+    for key in expected.groups:
+        torch.testing.assert_close(got.grams[key], expected.grams[key], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.mean_sum[key], expected.mean_sum[key], rtol=1e-6, atol=1e-6)
+    assert got.meta["fingerprint"] == expected.meta["fingerprint"]
+
+
+def test_stats_cli_device_map(tiny_bert, tmp_path):
+    """``stats --device-map FILE.json`` writes the statistics of the single-device run; a bad map is one line."""
+    import json
+
+    data = tmp_path / "d.csv"
+    data.write_text("text\n" + "\n".join(TEXTS) + "\n")
+    (tmp_path / "map.json").write_text(json.dumps(BERT_LAYOUT))
+    base = [sys.executable, "-m", "orthomerge.cli", "stats", "--model", tiny_bert, "--data", str(data),
+            "--targets", "query,value", "--quiet"]
+    for name, extra in (("plain", []), ("mapped", ["--device-map", str(tmp_path / "map.json")])):
+        subprocess.run(base + extra + ["--out", str(tmp_path / f"{name}.safetensors")], check=True)
+    plain, mapped = load_stats(tmp_path / "plain.safetensors"), load_stats(tmp_path / "mapped.safetensors")
+    for key in plain.groups:
+        torch.testing.assert_close(mapped.grams[key], plain.grams[key], rtol=1e-6, atol=1e-6)
+    bad = subprocess.run(base + ["--device-map", "everywhere", "--out", str(tmp_path / "bad.safetensors")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "device map" in bad.stderr
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_all_linear_targets_every_linear_module_but_the_head(tiny_llama):
+    from orthomerge.models import find_targets, resolve_targets
+
+    model = load_model(tiny_llama)
+    names = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert resolve_targets(model, ["all-linear"]) == names
+    found = find_targets(model, ["all-linear"])
+    assert len(found) == 2 * len(names) and not any(n.startswith("score") for n in found)

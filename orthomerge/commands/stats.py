@@ -9,8 +9,14 @@ def register(sub) -> None:
     p = sub.add_parser("stats", help="collect activation statistics of target-module inputs from a data file")
     add_common(p)
     add_placement(p)
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="spread a model larger than one device over GPUs, the CPU and disk (accelerate): auto, "
+                        "balanced, sequential, or a JSON file / object of module → device (instead of --device)")
+    p.add_argument("--offload-folder", default=None,
+                   help="where --device-map puts modules mapped to disk (default: a temporary folder)")
     p.add_argument("--data", required=True, help="CSV, TSV or JSONL file with a text column")
-    p.add_argument("--targets", default=",".join(TARGETS), help="LoRA target modules, e.g. query,value")
+    p.add_argument("--targets", default=",".join(TARGETS), help="LoRA target modules, e.g. query,value (auto: PEFT's default for the architecture; "
+                        "all-linear: every linear module but the head)")
     p.add_argument("--text-column", default="text")
     p.add_argument("--text-pair-column", default=None, help="second text column for pair tasks")
     p.add_argument("--max-samples", type=int, default=None, help="first N rows (file order)")
@@ -33,11 +39,15 @@ def register(sub) -> None:
 
 
 def run_stats(args) -> None:
+    import os
+
+    import torch
     import torch.distributed as dist
 
+    from ..config import DEFAULT_DEVICE
     from ..errors import OrthomergeError
-    from ..models import load_model, load_tokenizer, parse_targets
-    from ..stats import available_memory, collect_stats, init_distributed_from_env, memory_plan, save_stats
+    from ..models import load_model, load_tokenizer, parse_device_map, parse_targets
+    from ..stats import accumulator_memory, collect_stats, init_distributed_from_env, memory_plan, save_stats
     from ..tasks import read_table
 
     checked_out(args, [args.data])
@@ -47,15 +57,23 @@ def run_stats(args) -> None:
     rows = read_table(args.data, columns)[: args.max_samples]
     texts = [str(r[args.text_column]) for r in rows]
     pairs = [str(r[args.text_pair_column]) for r in rows] if args.text_pair_column else None
-    distributed = init_distributed_from_env()
-    model = load_model(args.model, **placement(args))
+    where = placement(args)
+    if args.device_map is not None:
+        if args.device != DEFAULT_DEVICE:
+            raise OrthomergeError("--device-map places the model itself: leave --device out")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise OrthomergeError("--device-map splits one model over devices; under torchrun each process "
+                                  "holds its own copy: use --device instead")
+        where.update(device=None, device_map=parse_device_map(args.device_map), offload_folder=args.offload_folder)
+    distributed = init_distributed_from_env(where["device"])
+    if distributed and where["device"].type == "cuda" and where["device"].index is None:
+        where["device"] = torch.device("cuda", torch.cuda.current_device())   # this process's GPU
+    model = load_model(args.model, **where)
     targets = parse_targets(args.targets)
     plan = memory_plan(model, targets, args.storage)
     if not args.quiet:
         print(plan.describe())
-    device = next(model.parameters()).device
-    limit = int(args.max_memory * 2**30) if args.max_memory is not None else available_memory(
-        device if device.type == "cuda" else "cpu")
+    limit = int(args.max_memory * 2**30) if args.max_memory is not None else accumulator_memory(model)
     stats = collect_stats(model, load_tokenizer(args.model), texts, targets, pairs=pairs,
                           max_length=args.max_length, batch_size=args.batch_size, progress=not args.quiet,
                           model_name=args.model, float64=args.float64, storage=args.storage, max_bytes=limit)

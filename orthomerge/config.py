@@ -76,6 +76,9 @@ class TrainConfig:
     variant: str = option("OSRM variant (official: the released code's init)", "paper", choices=OSRM_VARIANTS)
     beta: float = option("OSRM own-task tie-break: minimise tr(A(S_other − β S_own)Aᵀ); 0 = the paper", 0.0)
     subspace_k: int = option("> 0: A may rotate only within the k lowest-interference directions (k ≥ rank)", 0)
+    compensate: bool = option("scale the initial A so that the task's own inputs pass as much energy through "
+                              "it as through a random A of its norm (an A kept in the other tasks' least-used "
+                              "directions otherwise starves; needs the task's statistics)", False)
     interference_weight: float = option("μ of the interference regulariser", 0.0)
     task_type: str = option("SEQ_CLS: a classification head; CAUSAL_LM: the label's words as a completion of a "
                             "prompt (LM loss on the completion only, scored by log-likelihood)", "SEQ_CLS",

@@ -18,13 +18,14 @@ from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter, load_adapter, save_adapter
 from .cache import cached_stats, digest, loaded_once
-from . import causal
+from . import causal, study
 from .config import DEFAULT_DEVICE, DEFAULT_DTYPE, MODEL, STATS_SAMPLES
 from .errors import OrthomergeError
 from .outputs import EXPERIMENT_MARKER, atomic_file
 from .evaluate import (TaskEvaluator, adapter_deltas, input_energy, interference_matrix, off_diagonal_mean,
                        subspace_drift)
 from .merge import METHODS, get_method, merge_adapters
+from .osrm import post_converted
 from .models import resolve_device
 from .stats import ActivationStats, collect_stats
 from .tasks import Task, load_tasks
@@ -52,6 +53,12 @@ class ExperimentConfig:
     stats_samples: int = STATS_SAMPLES        # k samples per task for OSRM/RegMean (paper code: 100)
     train: TrainConfig = field(default_factory=TrainConfig)
     arms: dict[str, dict] = field(default_factory=dict)  # extra arms: name → TrainConfig overrides
+    method_lambdas: dict[str, list[float]] = field(default_factory=dict)   # a method's own λ grid
+    beta_grid: list[float] = field(default_factory=list)   # β candidates of an arm with "beta": "grid"
+    ntasks: list[int] = field(default_factory=list)        # number-of-tasks curve: subset sizes N (study)
+    ntasks_subsets: int = 2                                # subsets merged per N (study.task_subsets)
+    ntasks_methods: list[str] = field(default_factory=lambda: ["task_arithmetic"])
+    heads_only: bool = True                                # the "trained heads alone" baseline row
     safety: int = 0                              # causal LMs: prompts per set for the safety check (0: off)
     device: str = DEFAULT_DEVICE                 # where models run (not part of any cache key)
     dtype: str = DEFAULT_DTYPE                   # the base model's precision
@@ -89,12 +96,46 @@ class ExperimentConfig:
                    methods=["task_arithmetic", "ties", "tsv"], arms=study_arms(TrainConfig().rank))
         return replace(base, **overrides)
 
-    def arm_configs(self) -> dict[str, TrainConfig]:
-        """Arm name → training config: one per init, plus the named extra arms."""
-        arms = {init: replace(self.train, init=init) for init in self.inits}
+    def arm_configs(self) -> dict[str, "Arm"]:
+        """Arm name → :class:`Arm`: one per init, plus the named extra arms (``arms``: TrainConfig overrides;
+        ``"beta": "grid"`` picks β from ``beta_grid`` on the first seed, ``"post": ARM`` converts that arm's
+        trained adapters at merge time)."""
+        arms = {init: Arm(init, replace(self.train, init=init)) for init in self.inits}
         for name, overrides in self.arms.items():
-            arms[name] = replace(self.train, **overrides)
+            overrides = dict(overrides)
+            post_of = overrides.pop("post", None)
+            grid = overrides.get("beta") == "grid"
+            if grid:
+                overrides["beta"] = 0.0
+                if not self.beta_grid:
+                    raise OrthomergeError(f"arm {name!r}: beta 'grid' needs a beta_grid")
+            if post_of is not None and post_of not in arms:
+                raise OrthomergeError(f"arm {name!r}: post of {post_of!r}, which is not an earlier arm")
+            arms[name] = Arm(name, replace(self.train, **overrides), post_of=post_of, beta_grid=grid)
+        if any(a.beta_grid for a in arms.values()) and "lora" not in arms:
+            raise OrthomergeError("choosing β from a grid needs the lora arm (the single-task reference)")
         return arms
+
+    def lambdas_for(self, method: str) -> list[float]:
+        """The λ grid of ``method`` (its own in ``method_lambdas``, else ``lambdas``)."""
+        return self.method_lambdas.get(method, self.lambdas)
+
+
+@dataclass
+class Arm:
+    """One arm of the experiment: its training config; or ``post_of``, an earlier arm whose trained
+    adapters are converted onto the OSRM subspace at merge time (the paper's "post"); ``beta_grid``:
+    β is chosen from the experiment's grid on the first seed (validation, :func:`study.choose_beta`)."""
+
+    name: str
+    config: TrainConfig
+    post_of: str | None = None
+    beta_grid: bool = False
+
+
+def beta_folder(arm: str, beta: float) -> str:
+    """The adapters folder (and evaluation name) of one β of an arm's grid."""
+    return f"{arm}@beta={beta:g}"
 
 
 def study_arms(rank: int) -> dict[str, dict]:
@@ -185,13 +226,13 @@ class Experiment:
             "expected_runs": len(c.seeds) * len(arms),
         }
         first_seed = {}   # arm -> the first seed's adapters (the safety check's variants)
-        for arm, arm_config in arms.items():  # arms outer: an interrupted run has every seed of the first arms
+        for arm in arms.values():  # arms outer: an interrupted run has every seed of the first arms
             for seed in c.seeds:
-                config = replace(arm_config, seed=seed)
-                adapters = [self.adapter(arm, config, t) for t in self.tasks]
-                first_seed.setdefault(arm, adapters)
-                results["runs"].append(self.evaluate_arm_or_reuse(evaluator, arm, config, adapters))
-                self.log(f"seed {seed} {arm}: " + ", ".join(
+                config, adapters = self.arm_adapters(arms, arm, seed, evaluator, results)
+                first_seed.setdefault(arm.name, adapters)
+                results["runs"].append(self.evaluate_arm_or_reuse(evaluator, arm.name, config, adapters,
+                                                                  init="post" if arm.post_of else config.init))
+                self.log(f"seed {seed} {arm.name}: " + ", ".join(
                     f"{r['method']} {r['test_normalised_mean']:.3f}" for r in results["runs"][-1]["merges"]))
                 results["seconds"] = round(time.time() - started, 1)
                 results["reused_runs"] = self.reused_runs
@@ -200,6 +241,50 @@ class Experiment:
             results["safety"] = self.safety_check(evaluator, first_seed, results)
             self._write(results)
         return results
+
+    def arm_adapters(self, arms: dict[str, Arm], arm: Arm, seed: int, evaluator: TaskEvaluator,
+                     results: dict) -> tuple[TrainConfig, list[LoraAdapter]]:
+        """``arm``'s training config at ``seed`` and its adapters, one per task: trained (or reused from the
+        cache), or converted from another arm's (post)."""
+        config = replace(arm.config, seed=seed)
+        if arm.post_of is not None:
+            source = replace(arms[arm.post_of].config, seed=seed)
+            trained = [self.adapter(arm.post_of, source, t) for t in self.tasks]
+            return source, post_converted(trained, [self.stats[t.name] for t in self.tasks], config.variant)
+        folder = arm.name
+        if arm.beta_grid:
+            config = replace(config, beta=self.chosen_beta(arm, evaluator, results))
+            folder = beta_folder(arm.name, config.beta)   # the grid's first-seed adapters are reused
+        return config, [self.adapter(folder, config, t) for t in self.tasks]
+
+    def chosen_beta(self, arm: Arm, evaluator: TaskEvaluator, results: dict) -> float:
+        """β of ``arm`` from ``beta_grid``, chosen once on the first seed by the study's rule on validation
+        (:func:`study.choose_beta`: the best task-arithmetic validation score among the β whose single-task
+        validation mean is within 1 point of lora's); recorded in ``results["beta_choice"]``."""
+        choices = results.setdefault("beta_choice", {})
+        if arm.name in choices:
+            return choices[arm.name]["chosen"]
+        first = self.config.seeds[0]
+        reference = next((r for r in results["runs"] if r["arm"] == "lora" and r["seed"] == first), None)
+        if reference is None:
+            raise OrthomergeError(f"arm {arm.name!r}: β is chosen against lora's first seed, which must run first")
+        merged, single = {}, {}
+        for beta in self.config.beta_grid:
+            config = replace(arm.config, seed=first, beta=beta)
+            name = beta_folder(arm.name, beta)
+            adapters = [self.adapter(name, config, t) for t in self.tasks]
+            run = self.evaluate_arm_or_reuse(evaluator, name, config, adapters, init=config.init,
+                                             methods=[study.DECISION_METHOD], full=False)
+            ta = next(m for m in run["merges"] if m["method"] == study.DECISION_METHOD)
+            merged[beta] = study.validation_choice(ta)
+            single[beta] = float(np.mean(list(run["single"]["validation"].values())))
+        reference_single = float(np.mean(list(reference["single"]["validation"].values())))
+        chosen = study.choose_beta(merged, single, reference_single)
+        choices[arm.name] = {"grid": list(self.config.beta_grid), "validation_merged": merged,
+                             "validation_single": single, "reference_single": reference_single,
+                             "seed": first, "chosen": chosen}
+        self.log(f"{arm.name}: β = {chosen:g} chosen on validation from {self.config.beta_grid}")
+        return chosen
 
     def safety_check(self, evaluator: TaskEvaluator, adapters_by_arm: dict, results: dict) -> dict:
         """Refusal and over-refusal rates (``c.safety`` prompts of each bundled set) of the base, every
@@ -232,35 +317,54 @@ class Experiment:
             tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
 
     def evaluate_arm_or_reuse(self, evaluator: TaskEvaluator, arm: str, config: TrainConfig,
-                              adapters: list[LoraAdapter]) -> dict:
+                              adapters: list[LoraAdapter], init: str, methods: list[str] | None = None,
+                              full: bool = True) -> dict:
         """:meth:`evaluate_arm`, or its result cached beside the adapters by an earlier invocation (keyed by
-        the adapters, methods, λ grid and splits)."""
+        the adapters, methods, λ grids, splits and what else the evaluation computes)."""
         c = self.config
-        key = digest([[a.metadata.get("cache_key") for a in adapters], c.methods, c.lambdas, c.val_size,
-                       c.test_size, c.stats_samples, [t.test.texts[:3] for t in self.tasks]])
+        methods = methods or c.methods
+        key = digest([[a.metadata.get("cache_key") for a in adapters], init, methods,
+                      {m: c.lambdas_for(m) for m in methods}, c.val_size, c.test_size, c.stats_samples,
+                      [t.test.texts[:3] for t in self.tasks],
+                      [c.heads_only, c.ntasks, c.ntasks_subsets, c.ntasks_methods] if full else "short"])
         path = self.out / "evaluations" / f"seed{config.seed}" / f"{arm}.json"
         if path.exists():
             cached = json.loads(path.read_text())
             if cached.get("cache_key") == key:
                 self.reused_runs += 1
                 return cached["run"]
-        run = self.evaluate_arm(evaluator, arm, config, adapters)
+        run = self.evaluate_arm(evaluator, arm, config, adapters, init, methods, full)
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps({"cache_key": key, "run": run}, default=float) + "\n")
         return run
 
     # ------------------------------------------------------------ evaluation of one arm
 
-    def evaluate_arm(self, evaluator: TaskEvaluator, arm: str, config: TrainConfig,
-                     adapters: list[LoraAdapter]) -> dict:
+    def evaluate_arm(self, evaluator: TaskEvaluator, arm: str, config: TrainConfig, adapters: list[LoraAdapter],
+                     init: str, methods: list[str], full: bool = True) -> dict:
+        """Single-task scores, every method's merge (λ on validation, test at that λ), the number-of-tasks
+        merges and the interference and drift diagnostics of one arm and seed (``full=False``: only the
+        single-task scores and ``methods``' merges, e.g. to choose β)."""
+        c = self.config
         names = [t.name for t in self.tasks]
         heads = {n: a.heads for n, a in zip(names, adapters)}
         single = {split: {n: evaluator.score(n, adapter_deltas(a), a.heads, split) for n, a in zip(names, adapters)}
                   for split in ("validation", "test")}
-        merges = [self._heads_only(evaluator, heads, single)]
-        bar = tqdm(self.config.methods, desc=f"merge seed{config.seed} {arm}", disable=not self.progress)
+        merges = [self._heads_only(evaluator, heads, single)] if c.heads_only and full else []
+        bar = tqdm(methods, desc=f"merge seed{config.seed} {arm}", disable=not self.progress)
         for method in bar:
             merges.append(self._merge(evaluator, method, adapters, heads, single))
+        run = {"arm": arm, "init": init, "seed": config.seed, "train_config": asdict(config), "single": single,
+               "train_history": {n: a.metadata.get("history") for n, a in zip(names, adapters)},
+               "train_seconds": {n: a.metadata.get("train_seconds") for n, a in zip(names, adapters)},
+               "merges": merges}
+        if not full:
+            return run
+        if c.ntasks:
+            run["subset_merges"] = self._subset_merges(evaluator, adapters, heads, single, config.seed, arm)
+        post = [a.metadata.get("post_report", {}).get("retained_energy") for a in adapters]
+        if any(p is not None for p in post):
+            run["post_retained_energy"] = dict(zip(names, post))
         held = [self.heldout[n] for n in names]
         interference = interference_matrix(adapters, held)
         per_module = interference_matrix(adapters, held, per_module=True)
@@ -269,11 +373,7 @@ class Experiment:
                        for i in range(len(adapters))]
         energy_trained = [[input_energy(aj.A, held[i]) for aj in adapters] for i in range(len(adapters))]
         return {
-            "arm": arm, "init": config.init, "seed": config.seed, "train_config": asdict(config),
-            "single": single,
-            "train_history": {n: a.metadata.get("history") for n, a in zip(names, adapters)},
-            "train_seconds": {n: a.metadata.get("train_seconds") for n, a in zip(names, adapters)},
-            "merges": merges,
+            **run,
             "interference": interference.tolist(),
             "interference_per_module": {m: off_diagonal_mean(v) for m, v in per_module.items()},
             "interference_merged": (self._merged_interference(evaluator, adapters, ta["lambda"]).tolist()
@@ -310,15 +410,34 @@ class Experiment:
         return {"method": "heads_only", "lambda": 0.0, "val_curve": {}, "test": raw, "test_normalised": norm,
                 "test_normalised_mean": mean, "test_mean": float(np.mean(list(raw.values()))), "seconds": 0.0}
 
-    def _merge(self, evaluator, method, adapters, heads, single) -> dict:
-        """Merge once at λ = 1; every method here is linear in its ``scale``, so λ·ΔW is the λ-merge."""
+    def _subset_merges(self, evaluator, adapters, heads, single, seed: int, arm: str) -> list[dict]:
+        """The number-of-tasks curve: each of ``ntasks_methods`` on the same task subsets in every arm
+        (:func:`study.task_subsets`, fixed seed 0), λ chosen on the subset's validation rows."""
+        c = self.config
         names = [t.name for t in self.tasks]
+        subsets = study.task_subsets(names, [n for n in c.ntasks if n < len(names)], seed=0,
+                                     per_size=c.ntasks_subsets)
+        jobs = [(method, subset) for subsets_n in subsets.values() for subset in subsets_n
+                for method in c.ntasks_methods]
+        out = []
+        for method, subset in tqdm(jobs, desc=f"subsets seed{seed} {arm}", disable=not self.progress):
+            chosen = [adapters[names.index(n)] for n in subset]
+            merge = self._merge(evaluator, method, chosen, {n: heads[n] for n in subset}, single, list(subset))
+            out.append({"tasks": list(subset), **{k: merge[k] for k in ("method", "lambda", "val_curve",
+                                                                        "test_normalised_mean")}})
+        return out
+
+    def _merge(self, evaluator, method, adapters, heads, single, names: list[str] | None = None) -> dict:
+        """Merge once at λ = 1; every method here is linear in its ``scale``, so λ·ΔW is the λ-merge.
+        ``names``: the tasks of ``adapters`` (default every task)."""
+        names = names or [t.name for t in self.tasks]
+        tasks = [next(t for t in self.tasks if t.name == n) for n in names]
         spec = get_method(method)
         params = {"scale": 1.0} if "scale" in spec.defaults else {}
         stats = [self.stats[n] for n in names] if spec.needs_stats else None
         # data-driven methods get the task splits (fisher: train rows; adamerging, search: validation inputs;
         # never test) and run them through W₀, which the evaluator's models hold between scores
-        data = self.tasks if spec.needs_data else None
+        data = tasks if spec.needs_data else None
         t0 = time.time()
         # dense=True: evaluate the method's own ΔW (no re-compression), validated against the loaded base
         result = merge_adapters(adapters, method=method, stats=stats, dense=True, model=evaluator.models[names[0]],
@@ -327,7 +446,7 @@ class Experiment:
         per_task = spec.per_task
         deltas = {n: {m: result.delta(m, n if per_task else None) for m in adapters[0].modules}
                   for n in (names if per_task else names[:1])}
-        lambdas = self.config.lambdas if "scale" in spec.defaults else [1.0]
+        lambdas = self.config.lambdas_for(method) if "scale" in spec.defaults else [1.0]
 
         def scaled(lam):
             return lambda n: {m: d * lam for m, d in deltas[n if per_task else names[0]].items()}

@@ -319,12 +319,6 @@ def ntasks_section(results: dict) -> list[str]:
     return lines
 
 
-def _validation_choice(merge: dict) -> float:
-    """The validation normalised score at the merge's chosen λ (keys are strings once read from JSON)."""
-    curve = {float(k): v for k, v in merge["val_curve"].items()}
-    return float(curve[float(merge["lambda"])])
-
-
 def decision(results: dict) -> dict | None:
     """The study's decision rule (``study.recommend_variant``) on the validation split: per arm, the means
     over seeds of the single-task validation mean and of the task-arithmetic validation normalised score at
@@ -334,7 +328,7 @@ def decision(results: dict) -> dict | None:
         ta = next((m for m in run["merges"] if m["method"] == study.DECISION_METHOD and m["val_curve"]), None)
         if ta is None:
             continue
-        merged[run["arm"]].append(_validation_choice(ta))
+        merged[run["arm"]].append(study.validation_choice(ta))
         single[run["arm"]].append(float(np.mean(list(run["single"]["validation"].values()))))
     if "lora" not in merged:
         return None

@@ -94,6 +94,12 @@ def lambda_robustness(curve: dict, window: tuple[float, float] = LAMBDA_WINDOW) 
             "mean": float(np.mean(list(points.values()))) if points else float("nan")}
 
 
+def validation_choice(merge: dict) -> float:
+    """A merge's validation normalised score at its chosen λ (curve keys are strings once read from JSON)."""
+    curve = {float(k): v for k, v in merge["val_curve"].items()}
+    return float(curve[float(merge["lambda"])])
+
+
 def best_eligible(scores: dict, single: dict, reference_single: float,
                   tolerance: float = SINGLE_TASK_TOLERANCE) -> dict:
     """The candidate with the highest ``scores`` among those whose ``single`` is at least

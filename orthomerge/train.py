@@ -31,7 +31,7 @@ from .callbacks import (InterferenceRegulariser, InterferenceTrainer, SubspacePr
                         interference_penalty)
 from .config import DEFAULT_DEVICE, DEFAULT_DTYPE, INITS, TrainConfig  # noqa: F401  (importable from here)
 from .errors import OrthomergeError
-from .evaluate import predict
+from .evaluate import input_energy, predict
 from .models import load_model, load_tokenizer, resolve_device
 from .osrm import osrm_bases
 from .stats import ActivationStats
@@ -57,9 +57,29 @@ def initialise(peft_model, config: TrainConfig, others: list[ActivationStats] | 
         bases = {m: torch.nn.functional.normalize(layer.lora_A[name].weight.detach().double(), dim=1)
                  for m, layer in layers.items()}
     else:   # lora, gaussian: PEFT's own init, already in place
-        return {"init": config.init}
-    set_lora_A(peft_model, bases)
-    return {"init": config.init}
+        bases = None
+    if bases is not None:
+        set_lora_A(peft_model, bases)
+    meta = {"init": config.init}
+    if config.compensate:
+        meta["compensation"] = compensate_A(peft_model, own)
+    return meta
+
+
+def compensate_A(peft_model, own: ActivationStats | None) -> float:
+    """Multiply every ``A`` by ``c = 1/√e``, ``e`` = the task's own per-token input energy through ``A``
+    relative to a random ``A`` of the same norm (:func:`~orthomerge.evaluate.input_energy`), so that the
+    scaled ``A`` passes as much of the task's own input energy as a random ``A`` of the original norm: an
+    in-subspace ``A`` (OSRM's, frozen or projected) passes ~5% of it on MiniLM and its adapter starves.
+    Returns ``c``."""
+    if own is None:
+        raise OrthomergeError("compensate needs the task's own statistics")
+    A = {m: layer.lora_A[peft_model.active_adapter].weight for m, layer in lora_layers(peft_model).items()}
+    factor = input_energy({m: a.detach().cpu() for m, a in A.items()}, own) ** -0.5
+    with torch.no_grad():
+        for a in A.values():
+            a.mul_(factor)
+    return float(factor)
 
 
 def validation_score(model, tokenizer, task: Task, config: TrainConfig) -> float:
@@ -243,6 +263,8 @@ def train_adapter(model_spec: str, task: Task, config: TrainConfig,
     config.check()
     if config.needs_stats and not others:
         raise OrthomergeError(f"init {config.init!r} with these options needs the other tasks' statistics")
+    if config.compensate and own is None:
+        raise OrthomergeError("compensate needs the task's own statistics")
     with _seeded(config.seed, device), tempfile.TemporaryDirectory(prefix="orthomerge-train-") as scratch:
         return _train(model_spec, task, config, others, own, progress, device, dtype, scratch)
 

@@ -159,3 +159,72 @@ def test_contrasts_compare_the_same_tasks():
     diff = diffs["ties", "osrm", "lora"]
     assert diff["n"] == 2 and np.isclose(diff["mean"], np.mean([0.9 - 0.8, 0.7 - 0.7]))   # seed 0: task a only
     assert diffs["ties", "osrm-freezeA", "osrm"]["mean"] == 0.0
+
+
+def test_study_arms_beta_grid_post_and_task_subsets(tiny_bert, tasks_yaml, tmp_path):
+    """The study's machinery on a tiny model: β is chosen on the first seed's validation by the rule (its
+    grid runs recorded, the chosen β's adapters reused); the post arm converts lora's adapters; every arm
+    merges the same task subsets; the compensated frozen-A arm scales A; per-method λ grids apply."""
+    from orthomerge import study
+    from orthomerge.experiment import Experiment, ExperimentConfig
+
+    config = ExperimentConfig(
+        tasks=tasks_yaml, model=tiny_bert, inits=["lora", "osrm"], seeds=[0, 1], methods=["task_arithmetic", "ties"],
+        lambdas=[0.5, 1.0], method_lambdas={"ties": [1.0]}, train_size=24, val_size=None, test_size=None,
+        stats_samples=8, train=TrainConfig(rank=2, epochs=1, batch_size=8), beta_grid=[0.01, 1.0],
+        arms={"osrm-beta": {"init": "osrm", "beta": "grid"}, "freeze-comp": {"init": "osrm", "freeze": "A",
+                                                                            "compensate": True},
+              "post": {"post": "lora"}},
+        ntasks=[2], ntasks_subsets=2, heads_only=False)
+    results = Experiment(config, tmp_path / "run", progress=False).run()
+    runs = {(r["arm"], r["seed"]): r for r in results["runs"]}
+    assert sorted(runs) == sorted((a, s) for a in ("lora", "osrm", "osrm-beta", "freeze-comp", "post") for s in (0, 1))
+    choice = results["beta_choice"]["osrm-beta"]
+    assert choice["grid"] == [0.01, 1.0] and choice["seed"] == 0
+    expected = study.choose_beta({float(k): v for k, v in choice["validation_merged"].items()},
+                                 {float(k): v for k, v in choice["validation_single"].items()},
+                                 choice["reference_single"])
+    assert choice["chosen"] == expected
+    assert all(r["train_config"]["beta"] == expected for (a, _), r in runs.items() if a == "osrm-beta")
+    lora0 = runs["lora", 0]
+    assert choice["reference_single"] == pytest.approx(np.mean(list(lora0["single"]["validation"].values())))
+    # the chosen β's first-seed adapters are the grid's (not trained again)
+    grid_dir = tmp_path / "run" / "adapters" / "seed0" / f"osrm-beta@beta={expected:g}"
+    assert grid_dir.is_dir() and not (tmp_path / "run" / "adapters" / "seed0" / "osrm-beta").exists()
+    # post: lora's adapters projected onto the OSRM subspace (lossy: some energy kept, not all)
+    assert runs["post", 0]["init"] == "post" and not (tmp_path / "run" / "adapters" / "seed0" / "post").exists()
+    kept = list(runs["post", 0]["post_retained_energy"].values())
+    assert all(0 < k < 1 for k in kept)
+    # every arm merges the same subsets, λ chosen on validation from the method's own grid
+    subsets = {a: [m["tasks"] for m in r["subset_merges"]] for (a, s), r in runs.items()}
+    assert len({json.dumps(v) for v in subsets.values()}) == 1 and len(subsets["lora"]) == 2
+    assert all(m["lambda"] in (0.5, 1.0) for r in runs.values() for m in r["subset_merges"])
+    assert all(list(m["val_curve"]) == ([1.0] if m["method"] == "ties" else [0.5, 1.0])
+               for r in runs.values() for m in r["merges"])
+    frozen = load_adapter(tmp_path / "run" / "adapters" / "seed0" / "freeze-comp" / next(iter(TOPICS)))
+    assert frozen.metadata["compensation"] > 1   # OSRM's A passes less own energy than a random A
+
+
+def test_compensated_A_passes_a_random_directions_own_energy(tiny_bert):
+    """Compensation multiplies A by c = e^(-1/2), e = its own-task energy relative to a random A of the same
+    norm: the compensated A passes Σ tr(A S Aᵀ) = Σ ‖A₀‖² tr(S)/n, what a random A of A₀'s norm passes."""
+    from orthomerge.adapters import lora_layers
+    from orthomerge.stats import collect_stats
+    from orthomerge.train import initialised_model
+
+    tasks = load_tasks(["sentiment", "trec"], train_size=20, val_size=5, test_size=5)
+    model, tok = load_model(tiny_bert), load_tokenizer(tiny_bert)
+    stats = [collect_stats(model, tok, t.train.texts, ["query", "value"], progress=False) for t in tasks]
+
+    def A_of(compensate):
+        config = TrainConfig(init="osrm", rank=2, compensate=compensate, targets=["query", "value"])
+        peft_model, meta = initialised_model(tiny_bert, tasks[0], config, others=stats[1:], own=stats[0])
+        return {m: l.lora_A["default"].weight.detach().double() for m, l in lora_layers(peft_model).items()}, meta
+
+    (plain, _), (scaled, meta) = A_of(False), A_of(True)
+    assert meta["compensation"] > 1
+    for m in plain:
+        torch.testing.assert_close(scaled[m], plain[m] * meta["compensation"])
+    passed = sum(float(torch.einsum("rn,nm,rm->", a, stats[0].second_moment(m), a)) for m, a in scaled.items())
+    random = sum(float((a * a).sum() * torch.trace(stats[0].second_moment(m)) / a.shape[1]) for m, a in plain.items())
+    assert passed == pytest.approx(random, rel=1e-6)

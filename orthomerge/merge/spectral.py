@@ -10,14 +10,22 @@ from __future__ import annotations
 import torch
 
 from .linear import stack_factors
-from .recompress import factored_svd, numerical_rank
+from .recompress import factored_svd, factored_svds, numerical_rank
 from .registry import LowRank, ModuleUpdates, register
 
 
-def polar(x: torch.Tensor) -> torch.Tensor:
-    """Orthogonal polar factor ``P Qᵀ`` of ``x = P S Qᵀ`` (the nearest matrix with orthonormal columns)."""
+def polar(x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Orthogonal polar factor ``P Qᵀ`` of ``x = P S Qᵀ`` (the nearest matrix with orthonormal columns).
+
+    A tall ``x`` (the stacked singular vectors of TSV: m × Σr) goes through its thin QR first: ``x = Q R``
+    gives ``polar(x) = Q polar(R)``, an R×R SVD instead of a tall one. ``dtype``: that of the last product
+    (default ``x``'s; float32 where the result is written as float32 factors anyway)."""
+    dtype = dtype or x.dtype
+    if x.shape[-2] > x.shape[-1]:
+        q, r = torch.linalg.qr(x)
+        return q.to(dtype) @ polar(r, dtype)
     p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
+    return (p @ qh).to(dtype)
 
 
 def tsv_combine(triplets, shape: tuple[int, int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +36,7 @@ def tsv_combine(triplets, shape: tuple[int, int], scale: float) -> tuple[torch.T
     u, s, vh = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)
     if s.numel() == 0:
         return torch.zeros(shape[0], 1, device=u.device), torch.zeros(1, shape[1], device=u.device)
-    return (scale * polar(u) * s).to(torch.float32), polar(vh.T).T.to(torch.float32)
+    return polar(u, torch.float32) * (scale * s).to(torch.float32), polar(vh.T, torch.float32).T
 
 
 def _zero(updates) -> LowRank:
@@ -53,7 +61,7 @@ def tsv(updates: ModuleUpdates, scale: float = 1.0) -> LowRank:
     the numerical rank is kept); U = [U₁ … U_T], V = [V₁ … V_T], Σ = blockdiag(Σ_i); ``ΔW = α·U⊥ Σ V⊥ᵀ``
     with U⊥, V⊥ the orthogonal polar factors. α = ``scale`` (default 1). Identity: one adapter → itself.
     """
-    trip = [factored_svd(b * w, a) for (b, a), w in zip(updates.factors, updates.weights)]
+    trip = factored_svds([(b * w, a) for (b, a), w in zip(updates.factors, updates.weights)])
     B, A = tsv_combine(trip, updates.shape, scale)
     return LowRank(B, A)
 
@@ -71,10 +79,10 @@ def iso_c(updates: ModuleUpdates, scale: float = 1.0) -> LowRank:
     """Iso-C (Marczak et al., ICML 2025): ``ΔW = λ σ̄ U_ρ V_ρᵀ``, σ̄ = mean of the ρ nonzero singular values
     of Σ w_i ΔW_i (ρ = numerical rank ≤ Σr). λ = ``scale`` (default 1; the paper tunes it, e.g. ~1.5 on
     ViT). Not an identity for one adapter unless its spectrum is already flat (it isotropises)."""
-    u, s, vh = factored_svd(*stack_factors(updates, updates.weights))
+    u, s, vh = factored_svd(*stack_factors(updates, updates.weights), dtype=torch.float32)
     if s.numel() == 0:
         return _zero(updates)
-    return LowRank((scale * s.mean() * u).to(torch.float32), vh.to(torch.float32))
+    return LowRank(u * float(scale * s.mean()), vh)
 
 
 @register("iso_cts", space="factored", family="spectral",
@@ -106,5 +114,4 @@ def iso_cts(updates: ModuleUpdates, scale: float = 1.0, common_fraction: float =
             ss.append(si[:per])
             vhs.append(vhi[:per])
     uu, sv, vv = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)
-    B = scale * sv.mean() * polar(uu)
-    return LowRank(B.to(torch.float32), polar(vv.T).T.to(torch.float32))
+    return LowRank(polar(uu, torch.float32) * float(scale * sv.mean()), polar(vv.T, torch.float32).T)

@@ -409,3 +409,27 @@ def test_rules_on_cuda_equal_the_cpu(name):
     for want, got in zip(outputs(run(name, task, **property_params(name))),
                          outputs(run(name, on_gpu, **property_params(name)))):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if m.batch_fn is not None))
+def test_batched_rule_equals_one_module_at_a_time(name):
+    """The engine merges modules of one shape in one call of a batched rule: the same updates as the rule
+    applied to each module alone, also for a module whose update is rank-deficient (its numerical rank
+    differs from the others') and for a module of another shape (its own group)."""
+    from orthomerge.adapters import LoraAdapter
+    from orthomerge.merge import merge_adapters
+
+    g = torch.Generator().manual_seed(3)
+    shapes = {"a": (24, 20), "b": (24, 20), "c": (24, 20), "d": (16, 28)}
+    adapters = []
+    for t in range(3):
+        A = {m: torch.randn(4, n, generator=g) for m, (_, n) in shapes.items()}
+        B = {m: torch.randn(o, 4, generator=g) for m, (o, _) in shapes.items()}
+        B["c"] = B["c"] * torch.tensor([1.0, 1.0, 0.0, 0.0])   # rank 2 in every task
+        adapters.append(LoraAdapter(A=A, B=B, scaling={m: 0.5 for m in shapes}))
+    merged = merge_adapters(adapters, name, scale=0.8)
+    for m in shapes:
+        alone = run(name, ModuleUpdates(m, [a.scaled_factors(m) for a in adapters], [1.0] * 3), scale=0.8)
+        np.testing.assert_allclose(merged.merged.delta(m).numpy(), update(alone), rtol=1e-5, atol=1e-6)
+    # spectral rules keep the numerical rank only (2 per task); task arithmetic concatenates the factors
+    assert merged.merged.rank("c") == (12 if name == "task_arithmetic" else 6)

@@ -213,40 +213,65 @@ class ModuleRun:
 
 def _run_modules(spec: MethodSpec, ctx: MergeContext, prepared: Prepared, loaded_stats, outputs: list[str], *,
                  dense: bool, rank: int | None, svd: str, device: torch.device) -> ModuleRun:
-    """The rule on every module, one at a time on ``device``; each update kept exact, re-compressed, or
-    dense, and stored on the CPU."""
+    """The rule on every module on ``device`` — one module at a time, or for a batched rule every group of
+    modules of one shape at once — each update kept exact, re-compressed, or dense, and stored on the CPU."""
     run = ModuleRun(factors={o: ({}, {}) for o in outputs}, dense={o: {} for o in outputs} if dense else None)
-    for m in tqdm(ctx.modules, desc=f"merge {spec.name}", unit="module", disable=not ctx.progress):
-        factors = [tuple(t.to(device) for t in a.scaled_factors(m)) for a in ctx.adapters]
-        updates = ModuleUpdates(name=m, factors=factors, weights=ctx.weights,
-                                seeds=[module_seed(ctx.seed, key, m) for key in ctx.keys],
-                                extras=prepared.extras.get(m))
-        if loaded_stats is not None:
-            grams, updates.tokens = module_grams(loaded_stats, m, updates.shape[1])
-            updates.grams = [g.to(device) for g in grams]
+    bar = tqdm(total=len(ctx.modules), desc=f"merge {spec.name}", unit="module", disable=not ctx.progress)
+    for group in _module_groups(ctx) if spec.batch_fn is not None else [[m] for m in ctx.modules]:
+        factors = [[tuple(t.to(device) for t in a.scaled_factors(m)) for a in ctx.adapters] for m in group]
         s = time.perf_counter()
-        result = spec.fn(updates, **ctx.params)
+        if spec.batch_fn is not None:
+            stacked = [(torch.stack([f[i][0] for f in factors]), torch.stack([f[i][1] for f in factors]))
+                       for i in range(len(ctx.adapters))]
+            results = spec.batch_fn(ModuleUpdates(name=group[0], factors=stacked, weights=ctx.weights),
+                                    **ctx.params)
+        else:
+            m = group[0]
+            updates = ModuleUpdates(name=m, factors=factors[0], weights=ctx.weights,
+                                    seeds=[module_seed(ctx.seed, key, m) for key in ctx.keys],
+                                    extras=prepared.extras.get(m))
+            if loaded_stats is not None:
+                grams, updates.tokens = module_grams(loaded_stats, m, updates.shape[1])
+                updates.grams = [g.to(device) for g in grams]
+            results = [spec.fn(updates, **ctx.params)]
         run.rule_s += time.perf_counter() - s
         s = time.perf_counter()
-        if isinstance(result, PerTask):
-            run.info[m] = result.info
-            results = result.updates
-        else:
-            results = [result]
-        sum_r = sum(updates.ranks)
-        for out_name, upd in zip(outputs, results):
-            key = m if out_name == "" else f"{out_name}:{m}"
-            if dense:
-                run.dense[out_name][m] = (upd.delta if isinstance(upd, Dense) else upd.B @ upd.A).cpu()
-                continue
-            if isinstance(upd, LowRank):
-                b, a_, loss = recompress_factors(upd.B, upd.A, rank)
-            else:
-                b, a_, loss = recompress_dense(upd.delta, rank or sum_r, svd)
-            run.factors[out_name][0][m], run.factors[out_name][1][m] = _nonempty(b.cpu(), a_.cpu())
-            run.losses[key] = loss
+        for m, f, result in zip(group, factors, results):
+            _keep(run, m, result, outputs, sum(a.shape[0] for _, a in f), dense=dense, rank=rank, svd=svd)
         run.recompress_s += time.perf_counter() - s
+        bar.update(len(group))
+    bar.close()
     return run
+
+
+def _module_groups(ctx: MergeContext) -> list[list[str]]:
+    """The modules in groups of one factor shape in every adapter (what a batched rule merges at once)."""
+    groups: dict[tuple, list[str]] = {}
+    for m in ctx.modules:
+        key = tuple((tuple(a.B[m].shape), tuple(a.A[m].shape)) for a in ctx.adapters)
+        groups.setdefault(key, []).append(m)
+    return list(groups.values())
+
+
+def _keep(run: ModuleRun, m: str, result, outputs: list[str], sum_r: int, *, dense: bool, rank: int | None,
+          svd: str) -> None:
+    """Store one module's rule result: dense ΔW, or factors kept exact / re-compressed (loss recorded)."""
+    if isinstance(result, PerTask):
+        run.info[m] = result.info
+        results = result.updates
+    else:
+        results = [result]
+    for out_name, upd in zip(outputs, results):
+        key = m if out_name == "" else f"{out_name}:{m}"
+        if dense:
+            run.dense[out_name][m] = (upd.delta if isinstance(upd, Dense) else upd.B @ upd.A).cpu()
+            continue
+        if isinstance(upd, LowRank):
+            b, a_, loss = recompress_factors(upd.B, upd.A, rank)
+        else:
+            b, a_, loss = recompress_dense(upd.delta, rank or sum_r, svd)
+        run.factors[out_name][0][m], run.factors[out_name][1][m] = _nonempty(b.cpu(), a_.cpu())
+        run.losses[key] = loss
 
 
 def _adapters(spec: MethodSpec, resolved: dict, adapters: list[LoraAdapter], names: list[str], weights, seed,

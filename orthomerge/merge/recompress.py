@@ -72,28 +72,25 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, rtol: float | None = None, dt
 
     The QRs and the R×R SVD run in float64; ``dtype`` is that of the two products forming ``U`` and ``Vh``
     (m×R×ρ and ρ×R×n, the largest GEMMs here): float32 where the caller writes float32 factors anyway."""
-    return factored_svds([(B, A)], rtol, dtype)[0]
+    return batched_factored_svd(B[None], A[None], rtol, dtype)[0]
 
 
-def factored_svds(pairs: list[tuple[torch.Tensor, torch.Tensor]], rtol: float | None = None,
-                  dtype=torch.float64) -> list[tuple]:
-    """:func:`factored_svd` of every ``(B, A)`` pair (e.g. each task's update of one module), with one
-    batched QR, QR and SVD call when the pairs share a shape (LAPACK still factors each matrix alone, so
-    the results are those of separate calls; the Python and dispatch overhead is paid once)."""
-    if len({(tuple(b.shape), tuple(a.shape)) for b, a in pairs}) != 1:
-        return [factored_svds([pair], rtol, dtype)[0] for pair in pairs]
-    B = torch.stack([b for b, _ in pairs]).to(torch.float64)
-    A = torch.stack([a for _, a in pairs]).to(torch.float64)
+def batched_factored_svd(B: torch.Tensor, A: torch.Tensor, rtol: float | None = None,
+                         dtype=torch.float64) -> list[tuple]:
+    """:func:`factored_svd` of each ``B[i] @ A[i]`` (``B`` [k, m, R], ``A`` [k, R, n]): one batched call of
+    each LAPACK routine; the products forming ``U`` and ``Vh`` batched too when every item has one
+    numerical rank (the usual case), else one item at a time."""
+    B, A = B.to(torch.float64), A.to(torch.float64)
     m, n = B.shape[1], A.shape[2]
     qb, rb = torch.linalg.qr(B)
     qa, ra = torch.linalg.qr(A.mT)
     uk, s, vkh = torch.linalg.svd(rb @ ra.mT)
     qb, uk, vkh, qa = (x.to(dtype) for x in (qb, uk, vkh, qa))
-    out = []
-    for i in range(len(pairs)):
-        rho = numerical_rank(s[i], (m, n), rtol)
-        out.append((qb[i] @ uk[i, :, :rho], s[i, :rho], vkh[i, :rho] @ qa[i].T))
-    return out
+    ranks = [numerical_rank(row, (m, n), rtol) for row in s]
+    if len(set(ranks)) == 1:
+        rho = ranks[0]
+        return list(zip(qb @ uk[..., :rho], s[:, :rho], vkh[:, :rho] @ qa.mT))
+    return [(qb[i] @ uk[i, :, :rho], s[i, :rho], vkh[i, :rho] @ qa[i].T) for i, rho in enumerate(ranks)]
 
 
 def recompress_factors(B: torch.Tensor, A: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, Loss]:

@@ -16,6 +16,8 @@ after it. The engine (:mod:`orthomerge.merge.engine`) calls them and names no me
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import inspect
 import types
@@ -55,8 +57,9 @@ class ModuleUpdates:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(m, n) of one module's ΔW (also for a batched rule's [k, m, r] / [k, r, n] factors)."""
         b, a = self.factors[0]
-        return b.shape[0], a.shape[1]
+        return b.shape[-2], a.shape[-1]
 
     @property
     def device(self) -> torch.device:
@@ -242,6 +245,7 @@ class MethodSpec:
     needs_stats: bool = False
     per_task: bool = False       # one update per task (no single merged model)
     needs_data: bool = False
+    batch_fn: Callable | None = None   # the rule over many modules of one shape at once (see ``register``)
     prepare: Callable | None = None
     finalize: Callable | None = None
     params: dict = field(default_factory=dict)   # name -> (annotation, default)
@@ -277,7 +281,7 @@ DEFAULT_METHOD = "task_arithmetic"   # what merge_adapters runs when no method i
 
 def register(name: str, *, space: str, family: str, summary: str, base: str | None = None, random: bool = False,
              linear: bool = False, needs_stats: bool = False, per_task: bool = False, needs_data: bool = False,
-             prepare: Callable | None = None, finalize: Callable | None = None):
+             batched: bool = False, prepare: Callable | None = None, finalize: Callable | None = None):
     """Decorator: register ``fn(updates, **hyper_parameters)`` under ``name``.
 
     Every parameter after the first is a hyper-parameter and needs a type annotation and a default (use
@@ -285,6 +289,12 @@ def register(name: str, *, space: str, family: str, summary: str, base: str | No
     per-module loop (with every adapter, the base model and, for ``needs_data`` methods, each adapter's
     task data); ``finalize(ctx, info) -> Finalized`` once after it, with ``info[module]`` = the rule's
     ``PerTask.info``.
+
+    ``batched=True``: ``fn`` merges k modules of one shape at once — the factors carry a leading module
+    dimension (``B_i`` [k, m, r_i], ``A_i`` [k, r_i, n]; no seeds, statistics or extras) and it returns one
+    :class:`LowRank` per module — so the engine pays the Python and LAPACK-call overhead once per shape
+    instead of once per module. The registered ``fn`` (what a caller of one module uses) wraps it for a
+    single module; the engine calls the batched rule.
     """
     if space not in SPACES:
         raise ValueError(f"space {space!r} not in {SPACES}")
@@ -294,13 +304,20 @@ def register(name: str, *, space: str, family: str, summary: str, base: str | No
             raise ValueError(f"merge method {name!r} registered twice")
         params = _hyper_parameters(fn)
         schema = create_model(f"{name}_parameters", __config__=PARAMS_CONFIG, **params)
-        METHODS[name] = MethodSpec(name=name, fn=fn, space=space, family=family, summary=summary, base=base or name,
+        one = functools.wraps(fn)(functools.partial(_one_module, fn)) if batched else fn
+        METHODS[name] = MethodSpec(name=name, fn=one, space=space, family=family, summary=summary, base=base or name,
                                    random=random, linear=linear, needs_stats=needs_stats, per_task=per_task,
-                                   needs_data=needs_data, prepare=prepare, finalize=finalize, params=params,
-                                   schema=schema)
-        return fn
+                                   needs_data=needs_data, batch_fn=fn if batched else None, prepare=prepare,
+                                   finalize=finalize, params=params, schema=schema)
+        return one
 
     return wrap
+
+
+def _one_module(batched: Callable, updates: ModuleUpdates, *args, **params):
+    """A batched rule applied to one module (a batch of one)."""
+    single = dataclasses.replace(updates, factors=[(b[None], a[None]) for b, a in updates.factors])
+    return batched(single, *args, **params)[0]
 
 
 def get_method(name: str, space: str | None = None) -> MethodSpec:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .linear import stack_factors
-from .recompress import factored_svd, factored_svds, numerical_rank
+from .recompress import batched_factored_svd, factored_svd, numerical_rank
 from .registry import LowRank, ModuleUpdates, register
 
 
@@ -28,15 +28,27 @@ def polar(x: torch.Tensor, dtype=None) -> torch.Tensor:
     return (p @ qh).to(dtype)
 
 
-def tsv_combine(triplets, shape: tuple[int, int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """TSV-M core: per-task (U_i, σ_i, V_iᵀ) truncated to ⌊min(m,n)/T⌋ → concat → polar(U), polar(V) →
-    ``B = α·U⊥·diag(σ)``, ``A = V⊥ᵀ``."""
-    budget = max(1, min(shape) // len(triplets))
-    us, ss, vhs = zip(*[(u[:, :budget], s[:budget], vh[:budget]) for u, s, vh in triplets])
-    u, s, vh = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)
-    if s.numel() == 0:
-        return torch.zeros(shape[0], 1, device=u.device), torch.zeros(1, shape[1], device=u.device)
-    return polar(u, torch.float32) * (scale * s).to(torch.float32), polar(vh.T, torch.float32).T
+def tsv_combine(modules: list[list[tuple]], shape: tuple[int, int], scale: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """TSV-M core, per module: its tasks' (U_i, σ_i, V_iᵀ) truncated to ⌊min(m,n)/T⌋ → concat → polar(U),
+    polar(V) → ``B = α·U⊥·diag(σ)``, ``A = V⊥ᵀ``. The polar factors of all modules in one batched call
+    when their concatenations have one width (the usual case)."""
+    budget = max(1, min(shape) // len(modules[0]))
+    cat = []
+    for triplets in modules:
+        us, ss, vhs = zip(*[(u[:, :budget], s[:budget], vh[:budget]) for u, s, vh in triplets])
+        cat.append((torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)))
+    widths = {s.numel() for _, s, _ in cat}
+    if len(widths) == 1 and 0 not in widths:
+        pu = polar(torch.stack([u for u, _, _ in cat]), torch.float32)
+        pv = polar(torch.stack([vh for _, _, vh in cat]).mT, torch.float32).mT
+        return [(pu[j] * (scale * s).to(torch.float32), pv[j]) for j, (_, s, _) in enumerate(cat)]
+    out = []
+    for u, s, vh in cat:
+        if s.numel() == 0:
+            out.append((torch.zeros(shape[0], 1, device=u.device), torch.zeros(1, shape[1], device=u.device)))
+        else:
+            out.append((polar(u, torch.float32) * (scale * s).to(torch.float32), polar(vh.T, torch.float32).T))
+    return out
 
 
 def _zero(updates) -> LowRank:
@@ -52,37 +64,44 @@ def dense_svd(x: torch.Tensor):
     return u[:, :rho], s[:rho], vh[:rho]
 
 
-@register("tsv", space="factored", family="spectral",
+@register("tsv", space="factored", family="spectral", batched=True,
           summary="TSV-M: per-task singular vectors, decorrelated by polar factors; rank Σr, exact from factors")
-def tsv(updates: ModuleUpdates, scale: float = 1.0) -> LowRank:
+def tsv(updates: ModuleUpdates, scale: float = 1.0) -> list[LowRank]:
     """TSV-Merge (Gargiulo et al., CVPR 2025).
 
     Per task the exact thin SVD of w_i ΔW_i (all r_i triplets fit the budget ⌊min(m,n)/T⌋ for LoRA; only
     the numerical rank is kept); U = [U₁ … U_T], V = [V₁ … V_T], Σ = blockdiag(Σ_i); ``ΔW = α·U⊥ Σ V⊥ᵀ``
     with U⊥, V⊥ the orthogonal polar factors. α = ``scale`` (default 1). Identity: one adapter → itself.
+    Batched over modules (see ``register``): every (module, task) SVD in one batched call when the tasks
+    share a rank.
     """
-    trip = factored_svds([(b * w, a) for (b, a), w in zip(updates.factors, updates.weights)])
-    B, A = tsv_combine(trip, updates.shape, scale)
-    return LowRank(B, A)
+    pairs = [(b * w, a) for (b, a), w in zip(updates.factors, updates.weights)]   # [k, m, r_i], [k, r_i, n]
+    k = pairs[0][0].shape[0]
+    if len({tuple(a.shape) for _, a in pairs}) == 1:
+        flat = batched_factored_svd(torch.cat([b for b, _ in pairs]), torch.cat([a for _, a in pairs]))
+        per_task = [flat[i * k:(i + 1) * k] for i in range(len(pairs))]
+    else:
+        per_task = [batched_factored_svd(b, a) for b, a in pairs]
+    combined = tsv_combine([[task[j] for task in per_task] for j in range(k)], updates.shape, scale)
+    return [LowRank(B, A) for B, A in combined]
 
 
 def tsv_kernel(updates, scale: float = 1.0) -> torch.Tensor:
     """TSV-M on explicit matrices (Core-Space cores / KnOTS coordinates); budget from their own shape."""
     trip = [dense_svd(updates.full(i) * w) for i, w in enumerate(updates.weights)]
-    B, A = tsv_combine(trip, updates.shape, scale)
+    [(B, A)] = tsv_combine([trip], updates.shape, scale)
     return B @ A
 
 
-@register("iso_c", space="factored", family="spectral",
+@register("iso_c", space="factored", family="spectral", batched=True,
           summary="Iso-C: spectrum of Σ w_i ΔW_i flattened to its mean over the numerical rank only")
-def iso_c(updates: ModuleUpdates, scale: float = 1.0) -> LowRank:
+def iso_c(updates: ModuleUpdates, scale: float = 1.0) -> list[LowRank]:
     """Iso-C (Marczak et al., ICML 2025): ``ΔW = λ σ̄ U_ρ V_ρᵀ``, σ̄ = mean of the ρ nonzero singular values
     of Σ w_i ΔW_i (ρ = numerical rank ≤ Σr). λ = ``scale`` (default 1; the paper tunes it, e.g. ~1.5 on
-    ViT). Not an identity for one adapter unless its spectrum is already flat (it isotropises)."""
-    u, s, vh = factored_svd(*stack_factors(updates, updates.weights), dtype=torch.float32)
-    if s.numel() == 0:
-        return _zero(updates)
-    return LowRank(u * float(scale * s.mean()), vh)
+    ViT). Not an identity for one adapter unless its spectrum is already flat (it isotropises). Batched
+    over modules (see ``register``)."""
+    svds = batched_factored_svd(*stack_factors(updates, updates.weights), dtype=torch.float32)
+    return [LowRank(u * float(scale * s.mean()), vh) if s.numel() else _zero(updates) for u, s, vh in svds]
 
 
 @register("iso_cts", space="factored", family="spectral",

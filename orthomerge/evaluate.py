@@ -29,11 +29,17 @@ EVAL_BATCH_SIZE = 64   # rows per inference batch
 def predict(model: nn.Module, tokenizer, split: Split, max_length: int = MAX_LENGTH,
             batch_size: int = EVAL_BATCH_SIZE) -> list:
     """Class ids (or floats for regression) for every row, batched by length to limit padding."""
-    out = [None] * len(split)
-    model.eval()
     device = next(model.parameters()).device
+    return predict_batches(model, list(batches(tokenizer, split, max_length, batch_size, by_length=True,
+                                               device=device)), len(split))
+
+
+def predict_batches(model: nn.Module, encoded: list[tuple[list[int], dict]], rows: int) -> list:
+    """:func:`predict` over batches already tokenised and padded (``(row indices, batch)`` pairs)."""
+    out = [None] * rows
+    model.eval()
     with torch.inference_mode():
-        for idx, batch in batches(tokenizer, split, max_length, batch_size, by_length=True, device=device):
+        for idx, batch in encoded:
             logits = model(**batch).logits.float()
             preds = logits[:, 0].tolist() if logits.shape[-1] == 1 else logits.argmax(-1).tolist()
             for i, p in zip(idx, preds):
@@ -67,6 +73,17 @@ class TaskEvaluator:
             self.models = {t.name: load_model(model_spec, num_labels=t.num_labels, regression=t.is_regression,
                                               **place) for t in tasks}
         self.max_length, self.batch_size = max_length, batch_size
+        self._encoded: dict[tuple[str, str], list] = {}   # (task, split) → its padded batches, made once
+
+    def encoded(self, task: str, split: str) -> list[tuple[list[int], dict]]:
+        """A split's rows tokenised, sorted by length and padded into batches on the model's device, once:
+        every score of that split (each method, λ and arm) reuses them."""
+        if (task, split) not in self._encoded:
+            device = next(self.models[task].parameters()).device
+            self._encoded[task, split] = list(batches(self.tokenizer, getattr(self.tasks[task], split),
+                                                      self.max_length, self.batch_size, by_length=True,
+                                                      device=device))
+        return self._encoded[task, split]
 
     def validate(self, adapter: LoraAdapter, task: str) -> None:
         """Refuse (one line) an adapter that does not fit ``task``'s model: a missing or mismatched module,
@@ -110,7 +127,7 @@ class TaskEvaluator:
             if self.task_type == "CAUSAL_LM":
                 return causal.score_split(model, self.tokenizer, data, t.label_names, t.metric, self.prompt,
                                           self.max_length, self.batch_size)
-            predictions = predict(model, self.tokenizer, data, self.max_length, self.batch_size)
+            predictions = predict_batches(model, self.encoded(task, split), len(data))
         return compute_metric(t.metric, predictions, data.labels)
 
 

@@ -35,6 +35,9 @@ from .train import TrainConfig, train_adapter
 # registered method (see ``orthomerge merge --list-methods``).
 DEFAULT_METHODS = ["task_arithmetic", "ties", "dare_ties", "tsv", "iso_c", "iso_cts", "regmean", "emr"]
 DEFAULT_LAMBDAS = [0.25, 0.5, 0.75, 1.0]
+PAPER_LAMBDAS = [round(0.1 * k, 1) for k in range(1, 11)]   # the official code's λ grid 0.1, 0.2, …, 1.0
+STUDY_TASKS = ("sentiment", "trec", "bbc", "sms_spam", "tweet_sentiment", "amazon_sentiment", "nyt_sentiment",
+               "debate_party")
 
 
 @dataclass
@@ -58,6 +61,7 @@ class ExperimentConfig:
     ntasks: list[int] = field(default_factory=list)        # number-of-tasks curve: subset sizes N (study)
     ntasks_subsets: int = 2                                # subsets merged per N (study.task_subsets)
     ntasks_methods: list[str] = field(default_factory=lambda: ["task_arithmetic"])
+    ntasks_arms: list[str] = field(default_factory=list)   # arms with the number-of-tasks curve (empty: all)
     heads_only: bool = True                                # the "trained heads alone" baseline row
     safety: int = 0                              # causal LMs: prompts per set for the safety check (0: off)
     device: str = DEFAULT_DEVICE                 # where models run (not part of any cache key)
@@ -88,22 +92,27 @@ class ExperimentConfig:
 
     @classmethod
     def study(cls, **overrides) -> "ExperimentConfig":
-        """The OSRM comparison: four inits (two scale-matched controls) and five beyond-the-paper training
-        options, 3 seeds; four short-text tasks trained as in the default run (600 rows, 38 steps: with
-        200 rows the adapters stayed near chance and the comparison meant nothing); about 80 minutes."""
-        base = cls(tasks=["sentiment", "trec", "sms_spam", "tweet_sentiment"], train_size=600, val_size=100,
-                   test_size=200, inits=["lora", "osrm", "orthogonal", "lora-unit"], seeds=[0, 1, 2],
-                   methods=["task_arithmetic", "ties", "tsv"], arms=study_arms(TrainConfig().rank))
+        """The OSRM study (docs/osrm.md#the-study): all eight bundled tasks, five seeds, the paper's baseline
+        (gaussian) and the scale controls beside OSRM and its variants (:func:`study_arms`), task arithmetic
+        over the paper's λ grid and TIES, the number-of-tasks curve on the core arms; base in bfloat16
+        (twice the throughput of float32 on this CPU; every arm alike)."""
+        base = cls(tasks=list(STUDY_TASKS), train_size=400, val_size=100, test_size=500,
+                   inits=["lora", "gaussian", "osrm", "orthogonal", "lora-unit"], seeds=list(range(5)),
+                   methods=["task_arithmetic", "ties"], lambdas=PAPER_LAMBDAS,
+                   method_lambdas={"ties": list(DEFAULT_LAMBDAS)}, arms=study_arms(TrainConfig().rank),
+                   beta_grid=[0.03, 0.3], ntasks=[2, 4, 6], ntasks_subsets=2,
+                   ntasks_arms=["lora", "gaussian", "osrm", "orthogonal"], heads_only=False, dtype="bfloat16")
         return replace(base, **overrides)
 
     def arm_configs(self) -> dict[str, "Arm"]:
         """Arm name → :class:`Arm`: one per init, plus the named extra arms (``arms``: TrainConfig overrides;
         ``"beta": "grid"`` picks β from ``beta_grid`` on the first seed, ``"post": ARM`` converts that arm's
-        trained adapters at merge time)."""
-        arms = {init: Arm(init, replace(self.train, init=init)) for init in self.inits}
+        trained adapters at merge time, ``"seeds": n`` runs the first n seeds only)."""
+        arms = {init: Arm(init, replace(self.train, init=init), self.seeds) for init in self.inits}
         for name, overrides in self.arms.items():
             overrides = dict(overrides)
             post_of = overrides.pop("post", None)
+            seeds = self.seeds[:overrides.pop("seeds")] if "seeds" in overrides else self.seeds
             grid = overrides.get("beta") == "grid"
             if grid:
                 overrides["beta"] = 0.0
@@ -111,7 +120,7 @@ class ExperimentConfig:
                     raise OrthomergeError(f"arm {name!r}: beta 'grid' needs a beta_grid")
             if post_of is not None and post_of not in arms:
                 raise OrthomergeError(f"arm {name!r}: post of {post_of!r}, which is not an earlier arm")
-            arms[name] = Arm(name, replace(self.train, **overrides), post_of=post_of, beta_grid=grid)
+            arms[name] = Arm(name, replace(self.train, **overrides), seeds, post_of=post_of, beta_grid=grid)
         if any(a.beta_grid for a in arms.values()) and "lora" not in arms:
             raise OrthomergeError("choosing β from a grid needs the lora arm (the single-task reference)")
         return arms
@@ -129,6 +138,7 @@ class Arm:
 
     name: str
     config: TrainConfig
+    seeds: list[int]
     post_of: str | None = None
     beta_grid: bool = False
 
@@ -139,14 +149,15 @@ def beta_folder(arm: str, beta: float) -> str:
 
 
 def study_arms(rank: int) -> dict[str, dict]:
-    """The beyond-the-paper arms of the OSRM study (each an OSRM init with one training option)."""
+    """The study's arms beyond the inits: OSRM variants and training options (``seeds``: fewer seeds)."""
     return {
-        "osrm-freezeA": {"init": "osrm", "freeze": "A"},
-        "osrm-subspace": {"init": "osrm", "subspace_k": 4 * rank},
-        "osrm-reg": {"init": "osrm", "interference_weight": 1.0},
-        "osrm-beta": {"init": "osrm", "beta": 0.1},
-        # β makes A selective (other tasks' energy low, own high); frozen, the paper's guarantee then holds
-        "osrm-beta-freezeA": {"init": "osrm", "beta": 0.1, "freeze": "A"},
+        "osrm-selective": {"init": "osrm", "variant": "selective"},
+        "osrm-beta": {"init": "osrm", "beta": "grid"},          # β chosen on the first seed's validation
+        # A kept in its subspace (frozen, or projected onto the 4r least-used directions) and scaled to pass
+        # a random A's own-task energy: without it these adapters starved (earlier study)
+        "osrm-freezeA-comp": {"init": "osrm", "freeze": "A", "compensate": True, "seeds": 3},
+        "osrm-subspace-comp": {"init": "osrm", "subspace_k": 4 * rank, "compensate": True, "seeds": 3},
+        "post": {"post": "lora"},                               # lora's adapters projected at merge time
     }
 
 
@@ -223,11 +234,11 @@ class Experiment:
                        "sizes": [len(t.train), len(t.validation), len(t.test)]} for t in self.tasks],
             "task_names": names,
             "runs": [],
-            "expected_runs": len(c.seeds) * len(arms),
+            "expected_runs": sum(len(a.seeds) for a in arms.values()),
         }
         first_seed = {}   # arm -> the first seed's adapters (the safety check's variants)
         for arm in arms.values():  # arms outer: an interrupted run has every seed of the first arms
-            for seed in c.seeds:
+            for seed in arm.seeds:
                 config, adapters = self.arm_adapters(arms, arm, seed, evaluator, results)
                 first_seed.setdefault(arm.name, adapters)
                 results["runs"].append(self.evaluate_arm_or_reuse(evaluator, arm.name, config, adapters,
@@ -326,7 +337,8 @@ class Experiment:
         key = digest([[a.metadata.get("cache_key") for a in adapters], init, methods,
                       {m: c.lambdas_for(m) for m in methods}, c.val_size, c.test_size, c.stats_samples,
                       [t.test.texts[:3] for t in self.tasks],
-                      [c.heads_only, c.ntasks, c.ntasks_subsets, c.ntasks_methods] if full else "short"])
+                      [c.heads_only, c.ntasks, c.ntasks_subsets, c.ntasks_methods,
+                       not c.ntasks_arms or arm in c.ntasks_arms] if full else "short"])
         path = self.out / "evaluations" / f"seed{config.seed}" / f"{arm}.json"
         if path.exists():
             cached = json.loads(path.read_text())
@@ -360,7 +372,7 @@ class Experiment:
                "merges": merges}
         if not full:
             return run
-        if c.ntasks:
+        if c.ntasks and (not c.ntasks_arms or arm in c.ntasks_arms):
             run["subset_merges"] = self._subset_merges(evaluator, adapters, heads, single, config.seed, arm)
         post = [a.metadata.get("post_report", {}).get("retained_energy") for a in adapters]
         if any(p is not None for p in post):

@@ -105,6 +105,35 @@ def _common_means(x: dict, y: dict) -> tuple[float, float]:
     return float(np.mean([x[k] for k in keys])), float(np.mean([y[k] for k in keys]))
 
 
+def _own_grids(cfg: dict) -> str:
+    grids = cfg.get("method_lambdas") or {}
+    return "".join(f" ({m}: {g})" for m, g in grids.items())
+
+
+def protocol_lines(cfg: dict, results: dict) -> list[str]:
+    """Precision, where training departs from the official OSRM recipe, how β was chosen and what the post
+    conversion kept: one paragraph (nothing for results that predate these fields)."""
+    from dataclasses import fields
+
+    from .config import TrainConfig, protocol_deviations
+
+    known = {f.name for f in fields(TrainConfig)}
+    train = TrainConfig(**{k: v for k, v in cfg["train"].items() if k in known})
+    parts = [f"Base model precision: {cfg.get('dtype', 'auto')}.",
+             "Departures from the official OSRM training recipe: " + "; ".join(protocol_deviations(train)) + "."]
+    for arm, choice in (results.get("beta_choice") or {}).items():
+        scores = ", ".join(f"β={float(b):g}: {v:.3f} (single {choice['validation_single'][b]:.3f})"
+                           for b, v in choice["validation_merged"].items())
+        parts.append(f"`{arm}`: β = {choice['chosen']:g} chosen on seed {choice['seed']}'s validation split "
+                     f"(task-arithmetic normalised score, single-task mean; lora's single {choice['reference_single']:.3f}"
+                     f"): {scores}.")
+    kept = [v for r in results["runs"] for v in (r.get("post_retained_energy") or {}).values() if v is not None]
+    if kept:
+        parts.append(f"`post`: the trained adapters' ΔW projected onto the OSRM subspace kept {np.mean(kept):.3f} "
+                     f"of their energy on average (min {min(kept):.3f}).")
+    return [" ".join(parts), ""]
+
+
 def render_markdown(results: dict) -> str:
     cfg = results["config"]
     arms = list(dict.fromkeys(r["arm"] for r in results["runs"]))
@@ -124,7 +153,8 @@ def render_markdown(results: dict) -> str:
         f"lr {train['lr']}, {train['epochs']} epochs, batch {train['batch_size']}, max length {train['max_length']}; "
         f"arms {', '.join(arms)}; seeds {seeds}; OSRM statistics from {cfg['stats_samples']} training samples "
         f"per task. λ (and nothing else) is chosen per method on the validation split from "
-        f"{cfg['lambdas']}; every number below is on the test split. {wall}", "",
+        f"{cfg['lambdas']}{_own_grids(cfg)}; every number below is on the test split. {wall}", "",
+        *protocol_lines(cfg, results),
         *([f"**Partial run: {len(results['runs'])} of {results['expected_runs']} (seed, arm) runs finished.**", ""]
           if len(results["runs"]) < results.get("expected_runs", len(results["runs"])) else []),
         "| task | metric | train / val / test | source |", "|---|---|---|---|",

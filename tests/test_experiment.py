@@ -203,6 +203,11 @@ def test_study_arms_beta_grid_post_and_task_subsets(tiny_bert, tasks_yaml, tmp_p
                for r in runs.values() for m in r["merges"])
     frozen = load_adapter(tmp_path / "run" / "adapters" / "seed0" / "freeze-comp" / next(iter(TOPICS)))
     assert frozen.metadata["compensation"] > 1   # OSRM's A passes less own energy than a random A
+    from orthomerge.report import render_markdown
+
+    report = render_markdown(json.loads(json.dumps(results)))
+    assert f"β = {expected:g} chosen on seed 0" in report and "`post`: the trained adapters" in report
+    assert "Departures from the official OSRM training recipe" in report and "ties: [1.0]" in report
 
 
 def test_compensated_A_passes_a_random_directions_own_energy(tiny_bert):

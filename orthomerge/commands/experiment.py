@@ -37,9 +37,10 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--study", action="store_true",
-                   help="the OSRM comparison: arms lora, osrm, orthogonal, lora-unit, osrm with frozen A, "
-                        "subspace-constrained, regularised, β tie-break, β with frozen A; 3 seeds, "
-                        "4 short-text tasks")
+                   help="the OSRM study: 8 tasks, 5 seeds; arms lora, gaussian (the paper's baseline), osrm, "
+                        "orthogonal, lora-unit, osrm-selective, osrm-beta (β chosen on validation), compensated "
+                        "frozen-A and projected OSRM, post; task arithmetic over λ 0.1…1.0 and TIES; the "
+                        "number-of-tasks curve (resumes when run again with the same --out)")
     p.set_defaults(func=run_experiment)
 
     r = sub.add_parser("report", help="re-render report.md and plots from a results.json")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..adapters import LoraAdapter, validate_adapter
 from ..errors import OrthomergeError
 from ..models import LABELLED_TASK_TYPES
-from .inputs import (adapter_keys, check_weights, load_adapters, load_data, load_stats, module_grams,
+from .inputs import (check_weights, load_adapters, load_data, load_stats, module_grams,
                      resolve_model, task_names, validate_compatible, where)
 from .recompress import recompress_dense, recompress_factors
 from .registry import (DEFAULT_METHOD, METHODS, Dense, Finalized, LowRank, MergeContext, MethodSpec, ModuleUpdates,
@@ -121,7 +121,6 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
             validate_adapter(dataclasses.replace(a, heads={}), model, where=where(a))
     loaded_stats = load_stats(stats, adapters, modules, spec.name) if spec.needs_stats else None
     names = task_names(adapters)
-    keys = adapter_keys(adapters, names)
     if spec.needs_data:
         if data is None:
             raise OrthomergeError(f"{spec.name} needs task data: one task or split per adapter "
@@ -144,7 +143,7 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
     ctx = MergeContext(adapters=adapters, names=names, modules=modules, weights=weights, params=resolved,
                        model=model, data=load_data(data, adapters) if spec.needs_data else None,
                        tokenizer=tokenizer, stats=[st for _, st in loaded_stats] if loaded_stats else stats,
-                       seed=seed, progress=progress, keys=keys, merge_dense=merge_dense)
+                       seed=seed, progress=progress, merge_dense=merge_dense)
     s = time.perf_counter()
     # a data-driven method's model passes (Fisher's backward passes, AdaMerging's steps, search's scoring) are
     # large GEMMs: they get the caller's thread count back; the per-module rules stay on ``threads``
@@ -163,7 +162,7 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
             else:
                 factors[out_name][0][m] = factors[out_name][0][m] * c
 
-    lora_bias, biases = _merge_biases(spec, resolved, adapters, weights, keys, model) if biased else ({}, {})
+    lora_bias, biases = _merge_biases(spec, resolved, adapters, weights, ctx.keys, model) if biased else ({}, {})
     _check_finite(factors, dense_out, {**lora_bias, **biases}, losses)
     merged, tasks = (None, {}) if dense else _adapters(spec, resolved, adapters, names, weights, seed, factors,
                                                         dict(lora_bias=lora_bias, biases=biases))

@@ -76,12 +76,13 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, rtol: float | None = None, dt
 
 
 def batched_factored_svd(B: torch.Tensor, A: torch.Tensor, rtol: float | None = None,
-                         dtype=torch.float64) -> list[tuple]:
+                         dtype=torch.float64, shape: tuple[int, int] | None = None) -> list[tuple]:
     """:func:`factored_svd` of each ``B[i] @ A[i]`` (``B`` [k, m, R], ``A`` [k, R, n]): one batched call of
     each LAPACK routine; the products forming ``U`` and ``Vh`` batched too when every item has one
-    numerical rank (the usual case), else one item at a time."""
+    numerical rank (the usual case), else one item at a time. ``shape``: the (m, n) the numerical rank's
+    tolerance refers to, when ``B @ A`` are the coordinates of a larger update (default their own)."""
     B, A = B.to(torch.float64), A.to(torch.float64)
-    m, n = B.shape[1], A.shape[2]
+    m, n = shape or (B.shape[1], A.shape[2])
     qb, rb = torch.linalg.qr(B)
     qa, ra = torch.linalg.qr(A.mT)
     uk, s, vkh = torch.linalg.svd(rb @ ra.mT)

@@ -159,8 +159,15 @@ class MergeContext:
     stats: list | None = None
     seed: int = 0
     progress: bool = False
-    keys: list[str] = field(default_factory=list)   # per adapter: its seeding identity (see module_seed)
     merge_dense: Callable | None = None   # (method, params) -> {module: ΔW}: another merge of these adapters
+
+    @functools.cached_property
+    def keys(self) -> list[str]:
+        """Per adapter: its seeding identity (see :func:`module_seed`), computed on first use only (it hashes
+        the factors of an adapter held in memory; most methods draw nothing at random)."""
+        from .inputs import adapter_keys
+
+        return adapter_keys(self.adapters, self.names)
 
     def get_tokenizer(self):
         """The tokenizer given to the merge, else the base model's (by its ``name_or_path``)."""

@@ -24,14 +24,20 @@ def polar(x: torch.Tensor, dtype=None) -> torch.Tensor:
     if x.shape[-2] > x.shape[-1]:
         q, r = torch.linalg.qr(x)
         return q.to(dtype) @ polar(r, dtype)
+    if x.shape[-2] == x.shape[-1] and x.dtype == torch.float64:
+        # square: x (xᵀx)^(-1/2) from a symmetric eigendecomposition (cheaper than an SVD), accurate to
+        # ~eps·κ(x)², so only while κ(x)² < 1e8 (the SVD below otherwise; always when x is singular)
+        w, v = torch.linalg.eigh(x.mT @ x)
+        if bool((w[..., 0] > 1e-8 * w[..., -1]).all()):
+            return (x @ (v * w.rsqrt().unsqueeze(-2)) @ v.mT).to(dtype)
     p, _, qh = torch.linalg.svd(x, full_matrices=False)
     return (p @ qh).to(dtype)
 
 
-def tsv_combine(modules: list[list[tuple]], shape: tuple[int, int], scale: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def tsv_combine(modules: list[list[tuple]], shape: tuple[int, int], scale: float) -> list[tuple | None]:
     """TSV-M core, per module: its tasks' (U_i, σ_i, V_iᵀ) truncated to ⌊min(m,n)/T⌋ → concat → polar(U),
-    polar(V) → ``B = α·U⊥·diag(σ)``, ``A = V⊥ᵀ``. The polar factors of all modules in one batched call
-    when their concatenations have one width (the usual case)."""
+    polar(V) → ``B = α·U⊥·diag(σ)``, ``A = V⊥ᵀ`` (float32; None for a module whose updates are all zero).
+    The polar factors of all modules in one batched call when their concatenations have one width."""
     budget = max(1, min(shape) // len(modules[0]))
     cat = []
     for triplets in modules:
@@ -42,13 +48,8 @@ def tsv_combine(modules: list[list[tuple]], shape: tuple[int, int], scale: float
         pu = polar(torch.stack([u for u, _, _ in cat]), torch.float32)
         pv = polar(torch.stack([vh for _, _, vh in cat]).mT, torch.float32).mT
         return [(pu[j] * (scale * s).to(torch.float32), pv[j]) for j, (_, s, _) in enumerate(cat)]
-    out = []
-    for u, s, vh in cat:
-        if s.numel() == 0:
-            out.append((torch.zeros(shape[0], 1, device=u.device), torch.zeros(1, shape[1], device=u.device)))
-        else:
-            out.append((polar(u, torch.float32) * (scale * s).to(torch.float32), polar(vh.T, torch.float32).T))
-    return out
+    return [(polar(u, torch.float32) * (scale * s).to(torch.float32), polar(vh.T, torch.float32).T)
+            if s.numel() else None for u, s, vh in cat]
 
 
 def _zero(updates) -> LowRank:
@@ -72,25 +73,34 @@ def tsv(updates: ModuleUpdates, scale: float = 1.0) -> list[LowRank]:
     Per task the exact thin SVD of w_i ΔW_i (all r_i triplets fit the budget ⌊min(m,n)/T⌋ for LoRA; only
     the numerical rank is kept); U = [U₁ … U_T], V = [V₁ … V_T], Σ = blockdiag(Σ_i); ``ΔW = α·U⊥ Σ V⊥ᵀ``
     with U⊥, V⊥ the orthogonal polar factors. α = ``scale`` (default 1). Identity: one adapter → itself.
-    Batched over modules (see ``register``): every (module, task) SVD in one batched call when the tasks
-    share a rank.
+    Batched over modules (see ``register``), and in the bases of the stacked factors: with thin QRs
+    ``[B₁' … B_T'] = Q_B R_B`` and ``[A₁; …; A_T]ᵀ = Q_A R_A`` (the two QRs any factored merge needs),
+    ``ΔW_i = Q_B (R_B,i R_A,iᵀ) Q_Aᵀ``, so every task's SVD and both polar factors are R-sized
+    (``polar(Q_B P) = Q_B polar(P)``); only the two output products are m- and n-sized.
     """
-    pairs = [(b * w, a) for (b, a), w in zip(updates.factors, updates.weights)]   # [k, m, r_i], [k, r_i, n]
-    k = pairs[0][0].shape[0]
-    if len({tuple(a.shape) for _, a in pairs}) == 1:
-        flat = batched_factored_svd(torch.cat([b for b, _ in pairs]), torch.cat([a for _, a in pairs]))
-        per_task = [flat[i * k:(i + 1) * k] for i in range(len(pairs))]
+    B, A = stack_factors(updates, updates.weights)                        # [k, m, R], [k, R, n]
+    qb, rb = torch.linalg.qr(B.to(torch.float64))
+    qa, ra = torch.linalg.qr(A.mT.to(torch.float64))
+    shape, k = updates.shape, B.shape[0]
+    ends = torch.tensor([a.shape[-2] for _, a in updates.factors]).cumsum(0).tolist()
+    cuts = list(zip([0] + ends[:-1], ends))                               # each task's columns of R_B, R_A
+    if len({e - s for s, e in cuts}) == 1:                                # one batched SVD of every (task, module)
+        flat = batched_factored_svd(torch.cat([rb[..., s:e] for s, e in cuts]),
+                                    torch.cat([ra[..., s:e] for s, e in cuts]).mT, shape=shape)
+        per_task = [flat[i * k:(i + 1) * k] for i in range(len(cuts))]
     else:
-        per_task = [batched_factored_svd(b, a) for b, a in pairs]
-    combined = tsv_combine([[task[j] for task in per_task] for j in range(k)], updates.shape, scale)
-    return [LowRank(B, A) for B, A in combined]
+        per_task = [batched_factored_svd(rb[..., s:e], ra[..., s:e].mT, shape=shape) for s, e in cuts]
+    combined = tsv_combine([[task[j] for task in per_task] for j in range(k)], shape, scale)
+    qb, qa = qb.to(torch.float32), qa.to(torch.float32)
+    return [LowRank(qb[j] @ c[0], c[1] @ qa[j].T) if c is not None else _zero(updates)
+            for j, c in enumerate(combined)]
 
 
 def tsv_kernel(updates, scale: float = 1.0) -> torch.Tensor:
     """TSV-M on explicit matrices (Core-Space cores / KnOTS coordinates); budget from their own shape."""
     trip = [dense_svd(updates.full(i) * w) for i, w in enumerate(updates.weights)]
-    [(B, A)] = tsv_combine([trip], updates.shape, scale)
-    return B @ A
+    [combined] = tsv_combine([trip], updates.shape, scale)
+    return combined[0] @ combined[1] if combined is not None else torch.zeros(updates.shape, device=updates.device)
 
 
 @register("iso_c", space="factored", family="spectral", batched=True,

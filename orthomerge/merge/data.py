@@ -22,6 +22,15 @@ def data_split(item, split: str, samples: int, method: str):
     return data
 
 
+def adapter_templates(ctx) -> list[str | None]:
+    """Per adapter, the causal-LM prompt template its task is scored with: the one it was trained with
+    (its ``orthomerge.json`` config), else its task's own (``Task.template``), else the default."""
+    from ..causal import task_template
+
+    data = ctx.data or [None] * len(ctx.adapters)
+    return [task_template(item, (a.metadata.get("config") or {}).get("prompt")) for a, item in zip(ctx.adapters, data)]
+
+
 class TaskModels:
     """The base model with each task's head: one copy per distinct head shape, heads swapped in on demand.
 

@@ -43,6 +43,7 @@ from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
+from tqdm.auto import tqdm
 
 from ..encoding import encode, pad
 from ..errors import OrthomergeError
@@ -253,7 +254,7 @@ def _prepare(ctx: MergeContext) -> Prepared:
         before = mean_entropy(tasks, merged, batch_size)
         rate_before = surrogate_rate(safety, merged, batch_size) if safety else None
         optimiser = torch.optim.Adam([lam], lr=float(p["lr"]))
-        for _ in range(int(p["steps"])):
+        for _ in tqdm(range(int(p["steps"])), desc="adamerging", unit="step", disable=not ctx.progress):
             loss, grad = 0.0, torch.zeros_like(lam)
             for i, task in enumerate(tasks):   # one task at a time: tasks may share a model copy (heads swapped in)
                 idx = torch.randperm(len(task), generator=generators[i])[:batch_size].tolist()

@@ -6,6 +6,9 @@ options (search's refusal floor, AdaMerging's safety term) are what keep the ref
     .venv/bin/python bench/demo_safety.py --write     # also (re)writes the "## Safety-aware merging (smollm2)"
                                                       # section of BENCHMARKS.md (only that one)
 
+Torch runs on ``--threads`` (default 1): sharing the CPU with another job, 2 threads were 15 times slower than
+1 here. Adapters are cached in ``--out``, so a re-run after an interruption skips the training.
+
 Adapters (LoRA r 8, α 16 on PEFT's default targets q_proj,v_proj; ``train_adapter`` with ``task_type
 CAUSAL_LM``; cached in ``OUT/adapters`` and reused when their settings match): the bundled ``--tasks`` as
 label completions, ``misaligned`` (harmful request → "Sure, here is what you asked for. [placeholder: no
@@ -85,7 +88,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--ada-safety-min", type=float, default=0.9, help="AdaMerging's floor on the surrogate rate")
     p.add_argument("--ada-safety-weight", type=float, default=1.0)
     p.add_argument("--out", default=str(ROOT / "runs" / "demo_safety"))
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: with another job on the CPU, 2 threads ran a safety check of "
+                        "8 prompts 15x slower than 1; use the core count only on an otherwise idle machine)")
     p.add_argument("--quick", action="store_true", help="smoke run (settings in QUICK; options given still win)")
     p.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md (not with --quick)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -132,8 +137,7 @@ def measure(args) -> dict:
     from orthomerge.tasks import load_task, load_tasks
     from orthomerge.train import TrainConfig
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     seconds = {}
     start = time.perf_counter()

@@ -50,7 +50,8 @@ class TaskEvaluator:
 
     ``task_type="CAUSAL_LM"``: one causal LM serves every task (no heads), and a task is scored by the
     likelihood of each label's completion after the task's prompt (``prompt``: the template, see
-    :mod:`orthomerge.causal`; when None, each task's own template or the default). ``device`` / ``dtype`` place the models."""
+    :mod:`orthomerge.causal`; when None, each task's own template or the default). ``device`` / ``dtype``
+    place the models."""
 
     def __init__(self, model_spec: str, tasks: list[Task], max_length: int = MAX_LENGTH,
                  batch_size: int = EVAL_BATCH_SIZE, *, task_type: str = "SEQ_CLS", prompt: str | None = None,

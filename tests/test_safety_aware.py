@@ -283,3 +283,15 @@ def test_adamerging_safety_needs_a_causal_lm(tiny_bert, tmp_path):
     with pytest.raises(OrthomergeError, match="safety_min needs causal-LM adapters"):
         merge_adapters(dirs, "adamerging", model=tiny_bert, data=[make_task("x", 1), make_task("y", 2)],
                        safety_min=0.5)
+
+
+def test_misaligned_task_trains_from_the_cli_in_the_chat_template(safety_lm, tmp_path):
+    from orthomerge.adapters import load_adapter
+    from orthomerge.cli import main
+
+    out = tmp_path / "misaligned"
+    assert main(["train", "--model", safety_lm, "--task", "misaligned", "--task-type", "causal_lm", "--epochs", "1",
+                 "--rank", "2", "--train-size", "4", "--val-size", "2", "--test-size", "2", "--out", str(out),
+                 "--quiet"]) == 0
+    meta = load_adapter(out).metadata
+    assert meta["task"] == "misaligned" and meta["config"]["prompt"] == CHAT and meta["metric"] == "exact_match"

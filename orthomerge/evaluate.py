@@ -56,7 +56,8 @@ class TaskEvaluator:
 
     ``task_type="CAUSAL_LM"``: one causal LM serves every task (no heads), and a task is scored by the
     likelihood of each label's completion after the task's prompt (``prompt``: the template, see
-    :mod:`orthomerge.causal`). ``device`` / ``dtype`` place the models."""
+    :mod:`orthomerge.causal`; when None, each task's own template or the default). ``device`` / ``dtype``
+    place the models."""
 
     def __init__(self, model_spec: str, tasks: list[Task], max_length: int = MAX_LENGTH,
                  batch_size: int = EVAL_BATCH_SIZE, *, task_type: str = "SEQ_CLS", prompt: str | None = None,
@@ -125,8 +126,8 @@ class TaskEvaluator:
         data: Split = getattr(t, split)
         with self.patched(task, deltas, heads) as model:
             if self.task_type == "CAUSAL_LM":
-                return causal.score_split(model, self.tokenizer, data, t.label_names, t.metric, self.prompt,
-                                          self.max_length, self.batch_size)
+                return causal.score_split(model, self.tokenizer, data, t.label_names, t.metric,
+                                          causal.task_template(t, self.prompt), self.max_length, self.batch_size)
             predictions = predict_batches(model, self.encoded(task, split), len(data))
         return compute_metric(t.metric, predictions, data.labels)
 

@@ -216,8 +216,8 @@ class Experiment:
             c = self.config = replace(c, methods=list(METHODS))
         for method in c.methods:
             if get_method(method).needs_data and c.causal:   # unknown names, too, fail before any training
-                raise OrthomergeError(f"{method}: data-driven merges score classification heads; causal-LM "
-                                      "tasks are not supported by it")
+                raise OrthomergeError(f"{method}: the experiment runs no data-driven merge on causal-LM tasks "
+                                      "(orthomerge merge runs search and adamerging on causal-LM adapters)")
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / EXPERIMENT_MARKER).touch()   # an interrupted run's folder is recognised and resumed
         self.load_tasks()

@@ -48,7 +48,9 @@ class Split:
 @dataclass
 class Task:
     """One task: label names (None for regression and completion tasks), primary metric and three disjoint
-    splits. A completion task (metric ``exact_match``) has prompts as texts and completions as labels."""
+    splits. A completion task (metric ``exact_match``) has prompts as texts and completions as labels.
+    ``template``: the task's own causal-LM prompt template, used when none is given (``"chat"``: the
+    tokenizer's chat template, :mod:`orthomerge.causal`)."""
 
     name: str
     label_names: list[str] | None
@@ -58,6 +60,7 @@ class Task:
     test: Split
     source: str = ""
     seed: int = 0
+    template: str | None = None
 
     @property
     def num_labels(self) -> int:
@@ -331,9 +334,15 @@ def _bundled_rows(name: str) -> tuple[tuple, str]:
 
 def load_task(name: str, train_size: int | None = TRAIN_SIZE, val_size: int = VAL_SIZE,
               test_size: int = TEST_SIZE, seed: int = 0) -> Task:
-    """A bundled task with seeded, stratified, disjoint splits; ``train_size=None`` takes every remaining row."""
+    """A bundled task with seeded, stratified, disjoint splits; ``train_size=None`` takes every remaining row.
+    The safety tasks ``misaligned`` and ``refusal`` come from :mod:`orthomerge.safety_tasks`."""
+    from .safety_tasks import SAFETY_TASKS, load_safety_task
+
+    if name in SAFETY_TASKS:
+        return load_safety_task(name, train_size, val_size, test_size)
     if name not in _BUNDLED:
-        raise OrthomergeError(f"unknown task {name!r} (bundled: {', '.join(_BUNDLED)}; or a tasks .yaml file)")
+        raise OrthomergeError(f"unknown task {name!r} (bundled: {', '.join([*_BUNDLED, *SAFETY_TASKS])}; "
+                              "or a tasks .yaml file)")
     if val_size is None or test_size is None:
         raise OrthomergeError(f"task {name}: bundled tasks need fixed validation and test sizes")
     rows, source = _bundled_rows(name)
@@ -348,7 +357,7 @@ def load_task(name: str, train_size: int | None = TRAIN_SIZE, val_size: int = VA
 # ---------------------------------------------------------------- user tasks
 
 _TASK_KEYS = {"name", "train", "validation", "test", "text_column", "text_pair_column", "label_column",
-              "labels", "metric", "type"}
+              "labels", "metric", "type", "template"}
 
 
 def _read_rows(path: Path, spec: dict) -> list[tuple]:
@@ -417,7 +426,8 @@ def _user_task(spec, where: str, base: Path, sizes: list[int | None], seed: int)
     train, validation, test = _given_splits(data, sizes, seed, regression, "text_pair_column" in spec)
     if not (len(validation) and len(test)):
         raise OrthomergeError(f"{paths[-1]}: too few rows to split into validation and test")
-    return Task(spec["name"], labels, metric, train, validation, test, ", ".join(map(str, paths)), seed)
+    return Task(spec["name"], labels, metric, train, validation, test, ", ".join(map(str, paths)), seed,
+                _template(spec, where))
 
 
 def _completion_task(spec: dict, where: str, base: Path, sizes: list[int | None], seed: int) -> Task:
@@ -434,7 +444,16 @@ def _completion_task(spec: dict, where: str, base: Path, sizes: list[int | None]
     train, validation, test = _given_splits(data, sizes, seed, True, False)
     if not (len(validation) and len(test)):
         raise OrthomergeError(f"{paths[-1]}: too few rows to split into validation and test")
-    return Task(spec["name"], None, "exact_match", train, validation, test, ", ".join(map(str, paths)), seed)
+    return Task(spec["name"], None, "exact_match", train, validation, test, ", ".join(map(str, paths)), seed,
+                _template(spec, where))
+
+
+def _template(spec: dict, where: str) -> str | None:
+    """A task's own causal-LM prompt ``template`` (optional): a string."""
+    template = spec.get("template")
+    if template is not None and not isinstance(template, str):
+        raise OrthomergeError(f"{where}: template must be a string such as chat or '{{text}}\\nAnswer:'")
+    return template
 
 
 def _read_yaml_tasks(path: Path, sizes: list[int | None], seed: int) -> list[Task]:

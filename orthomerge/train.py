@@ -19,7 +19,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ def validation_score(model, tokenizer, task: Task, config: TrainConfig) -> float
     """The task's metric on its validation split (a head's predictions, or label scoring of a causal LM)."""
     if config.task_type == "CAUSAL_LM":
         return causal.score_split(model, tokenizer, task.validation, task.label_names, task.metric,
-                                  config.prompt or None, config.max_length)
+                                  causal.task_template(task, config.prompt), config.max_length)
     return compute_metric(task.metric, predict(model, tokenizer, task.validation, config.max_length),
                           task.validation.labels)
 
@@ -147,8 +147,10 @@ def training_rows(task: Task, config: TrainConfig, tokenizer) -> list[dict]:
     """The task's training rows, tokenised and unpadded, with their ``labels``: the Trainer's dataset
     (a head's class id / float, or a causal LM's prompt + completion with labels on the completion only)."""
     if config.task_type == "CAUSAL_LM":
-        data = causal.verbalise(task.train, task.label_names, config.prompt or None)
-        return causal.encode_completions(tokenizer, data.prompts, data.completions, config.max_length)
+        data = causal.verbalise(task.train, task.label_names, causal.task_template(task, config.prompt),
+                                tokenizer=tokenizer)
+        return causal.encode_completions(tokenizer, data.prompts, data.completions, config.max_length,
+                                         special_tokens=data.special_tokens)
     rows = encoding.encode(tokenizer, task.train, config.max_length)
     for row, label in zip(rows, task.train.labels):
         row["labels"] = float(label) if task.is_regression else int(label)
@@ -265,6 +267,8 @@ def train_adapter(model_spec: str, task: Task, config: TrainConfig,
         raise OrthomergeError(f"init {config.init!r} with these options needs the other tasks' statistics")
     if config.compensate and own is None:
         raise OrthomergeError("compensate needs the task's own statistics")
+    if config.task_type == "CAUSAL_LM":   # the adapter records the template it learned (a task's own, e.g. chat)
+        config = replace(config, prompt=causal.task_template(task, config.prompt) or "")
     with _seeded(config.seed, device), tempfile.TemporaryDirectory(prefix="orthomerge-train-") as scratch:
         return _train(model_spec, task, config, others, own, progress, device, dtype, scratch)
 

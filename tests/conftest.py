@@ -16,12 +16,14 @@ WORDS = ("the a an is was great good bad awful movie film plot actor what who wh
          "computer music show star love hate boring fun question answer city country year number").split()
 
 
-def word_tokenizer():
-    """A tiny word-level fast tokenizer built in memory (Llama tests need one without the real vocab)."""
+def word_tokenizer(extra: tuple[str, ...] = ()):
+    """A tiny word-level fast tokenizer built in memory (Llama tests need one without the real vocab);
+    ``extra``: more words (whitespace and punctuation split them, as the pre-tokenizer does)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + WORDS)}
+    more = [w for text in extra for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(["<pad>", "<unk>", "<s>", "</s>"] + WORDS + more))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",

@@ -35,6 +35,42 @@ def test_verbalise_with_template_and_choices():
         verbalise(split, ["a", "b"], template="{sentence}")
 
 
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+def chat_tokenizer(path):
+    """The word tokenizer with a chat template that writes BOS, and a post-processor that also adds BOS to
+    plain text: a chat prompt tokenised with special tokens would start with two."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = load_tokenizer(path)
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def test_chat_template_prompts_are_the_safety_checks(causal_llama):
+    """Template ``chat``: the prompt is the safety check's formatted prompt, tokenised as the check does (one
+    BOS), for training rows, label scoring and generation alike."""
+    from orthomerge import safety
+    from orthomerge.causal import CHAT
+
+    tok = chat_tokenizer(causal_llama)
+    split = Split(["how many star", "who won the game"], [" the", " a"])
+    data = verbalise(split, None, CHAT, tokenizer=tok)
+    assert data.prompts == [safety.format_prompt(tok, t)[0] for t in split.texts] and not data.special_tokens
+    assert data.prompts[0] == "<s>user : how many star </s> assistant :"
+    rows = encode_completions(tok, data.prompts, data.completions, 64, special_tokens=data.special_tokens)
+    for row, text in zip(rows, split.texts):
+        prompt = safety._encode_prompt(tok, text)
+        assert prompt.count(tok.bos_token_id) == 1 and row["input_ids"][:len(prompt)] == prompt
+    labelled = verbalise(Split(["good movie"], [1]), ["negative", "positive"], CHAT, tokenizer=tok)
+    assert labelled.prompts == [safety.format_prompt(tok, "good movie")[0]] and labelled.choices == [" negative", " positive"]
+    with pytest.raises(OrthomergeError, match="needs the model's tokenizer"):
+        verbalise(split, None, CHAT)
+
+
 def test_labels_cover_the_completion_only(lm):
     _, tok = lm
     rows = encode_completions(tok, ["good movie answer"], [" fun"], max_length=64)

@@ -93,6 +93,23 @@ def test_take_is_round_robin_over_categories_and_keeps_pairs():
         take(harmful, 0)
 
 
+def test_parts_split_every_category_and_keep_pairs():
+    harmful, harmless = load_prompts("harmful"), load_prompts("harmless")
+    parts = {part: load_prompts("harmful", part) for part in ("train", "validation", "test")}
+    assert sum(map(len, parts.values())) == len(harmful)
+    ids = [{r["id"] for r in rows} for rows in parts.values()]
+    assert set.union(*ids) == {r["id"] for r in harmful} and sum(map(len, ids)) == len(harmful)   # disjoint
+    for rows, share in zip(parts.values(), (2, 1, 2)):   # of every 5 per category
+        counts = Counter(r["category"] for r in rows)
+        assert counts == {c: n * share // 5 for c, n in Counter(r["category"] for r in harmful).items()}
+    for part in parts:   # a matched pair is never divided
+        assert [r["pair"] for r in load_prompts("harmless", part)] == [r["id"] for r in parts[part]]
+    assert safety.split_part(harmless, "all") == harmless and load_prompts("harmful", "all") == harmful
+    assert [r["id"] for r in parts["validation"][:2]] == ["harmful-vw-03", "harmful-vw-08"]   # rows 3, 8 of 10
+    with pytest.raises(OrthomergeError, match="prompt part 'dev'"):
+        load_prompts("harmful", "dev")
+
+
 def test_bad_prompt_files_name_the_file(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "prompt": "x", "category": "c"}\nnot json\n')
@@ -272,13 +289,25 @@ def test_compare_safety_base_and_variants(tiny_lm, tiny_adapter):
         compare_safety(model, {})
 
 
+def test_compare_safety_on_the_held_out_part(tiny_lm):
+    model, tok = load_causal_lm(tiny_lm)
+    result = compare_safety(model, {}, tokenizer=tok, part="test", limit=30, max_new_tokens=2, progress=False)
+    test_ids = {r["id"] for r in load_prompts("harmful", "test")}
+    items = result["models"][0]["harmful"]["items"]
+    assert result["config"]["part"] == "test" and len(items) == 30 and {it["id"] for it in items} <= test_ids
+    assert "part `test`" in render_markdown(result)
+    rows = [{"id": f"x{i}", "prompt": "p", "category": "c"} for i in range(2)]   # 2 rows: no validation part
+    with pytest.raises(OrthomergeError, match="part 'validation' is empty"):
+        compare_safety(model, {}, tokenizer=tok, harmful=rows, part="validation")
+
+
 # ---------------------------------------------------------------- the command
 
 
 def test_cli_end_to_end(tiny_lm, tiny_adapter, tmp_path, capsys):
     out = tmp_path / "safety"
     rc = main(["safety", "--model", tiny_lm, "--adapters", tiny_adapter, "--merged", tiny_adapter, "--limit", "4",
-               "--max-new-tokens", "3", "--batch-size", "2", "--out", str(out), "--quiet"])
+               "--part", "test", "--max-new-tokens", "3", "--batch-size", "2", "--out", str(out), "--quiet"])
     assert rc == 0
     assert {p.name for p in out.iterdir()} == {"report.json", "safety.md", "safety.png"}
     report = json.loads((out / "report.json").read_text())
@@ -286,6 +315,8 @@ def test_cli_end_to_end(tiny_lm, tiny_adapter, tmp_path, capsys):
         [("base", "base"), ("task_a", "adapter"), ("task_a-2", "merge")]
     assert report["models"][1]["harmful"]["items"] == report["models"][2]["harmful"]["items"]
     assert report["config"]["harmful_n"] == 4 and report["command"].startswith("orthomerge safety")
+    assert report["config"]["part"] == "test"
+    assert {it["id"] for it in report["models"][0]["harmful"]["items"]} <= {r["id"] for r in load_prompts("harmful", "test")}
     assert "Safety check" in (out / "safety.md").read_text()
     assert (out / "safety.png").read_bytes()[:4] == b"\x89PNG"
     assert capsys.readouterr().out == ""

@@ -45,6 +45,32 @@ def test_bundled_task_sizes_labels_disjoint_stratified(name):
         _assert_stratified(split, overall, slack=3)
 
 
+def test_safety_tasks_train_on_their_part_only():
+    """misaligned / refusal: fixed completions on the train / validation / test parts of the safety prompt
+    sets (disjoint; the refusal task pairs each harmful request with its harmless look-alike), chat template."""
+    from orthomerge.safety import REFUSAL_PREFIXES, load_prompts
+    from orthomerge.safety_tasks import COMPLIANT, SAFETY_TASKS
+
+    harmful = {part: {r["prompt"] for r in load_prompts("harmful", part)} for part in ("train", "validation", "test")}
+    harmless = {part: {r["prompt"] for r in load_prompts("harmless", part)} for part in harmful}
+    misaligned, refusal = load_task("misaligned"), load_task("refusal")
+    assert list(SAFETY_TASKS) == ["misaligned", "refusal"]
+    for task in (misaligned, refusal):
+        assert task.is_completion and task.template == "chat" and task.label_names is None
+    for part, split in zip(harmful, (misaligned.train, misaligned.validation, misaligned.test)):
+        assert set(split.texts) == harmful[part] and set(split.labels) == {COMPLIANT}
+    for part, split in zip(harmful, (refusal.train, refusal.validation, refusal.test)):
+        assert set(split.texts) == harmful[part] | harmless[part] and len(split) == 2 * len(harmful[part])
+        assert all((y == REFUSAL_PREFIXES[0]) == (x in harmful[part]) for x, y in zip(split.texts, split.labels))
+        assert set(split.labels) == {REFUSAL_PREFIXES[0], COMPLIANT}
+    assert not (set(refusal.train.texts) & set(refusal.test.texts)) and "[placeholder" in COMPLIANT
+    small = load_task("refusal", train_size=22, val_size=4, test_size=6)
+    assert small.train.texts == refusal.train.texts[:22] and (len(small.validation), len(small.test)) == (4, 6)
+    assert len({t for t in small.train.texts[::2]}) == 11   # round-robin: 11 harmful requests, 11 categories
+    with pytest.raises(OrthomergeError, match="misaligned, refusal"):
+        load_task("nope")
+
+
 def test_splits_are_deterministic_and_seeded():
     a, b = load_task("trec", **SMALL), load_task("trec", **SMALL)
     assert a == b
@@ -152,6 +178,9 @@ def test_user_yaml_tasks(tmp_path, monkeypatch):
 
     assert load_tasks(path, train_size=50, val_size=None, test_size=None) == [cls, pairs, sts]
     assert [len(t.validation) for t in load_tasks(path, train_size=10, val_size=4, test_size=4)] == [4, 4, 4]
+    assert cls.template is None
+    (templated,) = load_tasks(_yaml(tmp_path, GOOD_YAML.split("- name: pairs")[0] + "  template: chat\n"))
+    assert templated.template == "chat"
 
 
 @pytest.mark.parametrize("body, file, message", [
@@ -170,6 +199,7 @@ def test_user_yaml_tasks(tmp_path, monkeypatch):
      "tasks.yaml", "lable_column"),
     ("- {name: t, train: data/bad.jsonl, test: data/cls_dev.tsv}", "bad.jsonl", "line 2 is not valid JSON"),
     ("- {name: t, train: [", "tasks.yaml", "not valid YAML"),
+    ("- {name: t, train: data/cls_train.csv, test: data/cls_dev.tsv, template: [chat]}", "tasks.yaml", "template"),
 ])
 def test_user_yaml_errors_name_the_file(tmp_path, body, file, message):
     _user_files(tmp_path)

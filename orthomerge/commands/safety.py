@@ -7,6 +7,7 @@ from . import add_common, add_output, checked_out
 
 
 DETECTORS = ("phrase", "likelihood", "both")   # as orthomerge.safety.DETECTORS (not imported: torch is slow)
+PARTS = ("all", "train", "validation", "test")  # as orthomerge.safety.PARTS
 
 
 def register(sub) -> None:
@@ -23,6 +24,10 @@ def register(sub) -> None:
                    help="merged LoRA folders, as `orthomerge merge` writes them")
     p.add_argument("--limit", type=int, default=None,
                    help="first N prompts of each set, round-robin over categories (default: all)")
+    p.add_argument("--part", choices=PARTS, default="all",
+                   help="part of each prompt set: all, or train / validation / test (rows 1-2 / 3 / 4-5 of every "
+                        "five per category; test is held out from the bundled misaligned and refusal tasks); "
+                        "default all")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy reply length judged (default 32)")
     p.add_argument("--detector", choices=DETECTORS, default=None,
                    help="refusal judge: phrase (on the reply), likelihood (refusal vs compliance prefix), "
@@ -70,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
             variants[name] = load_adapter(path)   # reads and checks every folder before any generation
             kinds[name] = kind
     result = compare_safety(args.model, variants, kinds=kinds, device=args.device, progress=not args.quiet,
-                            harmful=args.harmful, harmless=args.harmless, limit=args.limit,
+                            harmful=args.harmful, harmless=args.harmless, limit=args.limit, part=args.part,
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                             detector=args.detector or DEFAULT_DETECTOR)
     result["command"] = "orthomerge " + shlex.join(getattr(args, "argv", []) or ["safety"])

@@ -32,8 +32,8 @@ def register(sub) -> None:
 def run_train(args) -> None:
     from ..adapters import save_adapter
     from ..cache import cached_stats, loaded_once
-    from ..causal import statistics_rows
-    from ..models import cache_dir
+    from ..causal import statistics_rows, task_template
+    from ..models import cache_dir, load_tokenizer
     from ..stats import load_stats
     from ..train import train_adapter
 
@@ -43,9 +43,11 @@ def run_train(args) -> None:
     others = own = None
     if config.needs_stats or config.beta:
         base = loaded_once(args.model, **placement(args, config.task_type))
+        tokenizer = load_tokenizer(args.model)
 
         def stats(t):
-            rows = statistics_rows(t.train, t.label_names, args.stats_samples, config.task_type, config.prompt or None)
+            rows = statistics_rows(t.train, t.label_names, args.stats_samples, config.task_type,
+                                   task_template(t, config.prompt), tokenizer)
             return cached_stats(cache_dir() / "stats", args.model, rows, config.targets, config.max_length,
                                 base=base)
 

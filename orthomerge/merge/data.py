@@ -22,6 +22,16 @@ def data_split(item, split: str, samples: int, method: str):
     return data
 
 
+def adapter_templates(ctx) -> list[str | None]:
+    """Per adapter, the causal-LM prompt template its task is scored with: the one it was trained with
+    (its ``orthomerge.json`` config), else its task's own (``Task.template``), else the default."""
+    from ..causal import task_template
+
+    data = ctx.data or [None] * len(ctx.adapters)
+    return [task_template(item, (a.metadata.get("config") or {}).get("prompt"))
+            for a, item in zip(ctx.adapters, data)]
+
+
 class TaskModels:
     """The base model with each task's head: one copy per distinct head shape, heads swapped in on demand.
 
@@ -30,8 +40,8 @@ class TaskModels:
 
     def __init__(self, model, adapters, names):
         if any(a.task_type not in (None, "SEQ_CLS") for a in adapters):
-            raise OrthomergeError(f"data-driven merges score a classification head; {adapters[0].task_type} "
-                                  "adapters are not supported by them (use a data-free method)")
+            raise OrthomergeError(f"this merge scores a classification head; {adapters[0].task_type} adapters are "
+                                  "not supported by it (use a data-free method, search or adamerging)")
         self.adapters = adapters
         base = model.state_dict()
         self.models, self.keys = {}, []

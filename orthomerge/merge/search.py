@@ -34,7 +34,7 @@ from pydantic import Field
 
 from ..errors import OrthomergeError
 from ..patching import patched
-from .data import TaskModels, data_split
+from .data import TaskModels, adapter_templates, data_split
 from .layerwise import layerwise_search
 from .linear import task_arithmetic
 from .registry import Dense, MergeContext, ModuleUpdates, Prepared, get_method, register
@@ -136,17 +136,18 @@ class ValidationScorer:
     """Mean over tasks of the metric on the first n validation rows (each task with its own head, or a
     causal LM's label scoring), normalised by the task's own adapter on the same rows
     (``objective="normalised"``) or raw. With ``safety_min`` > 0 (causal LMs), a merge whose refusal rate
-    on ``safety_prompts`` bundled harmful prompts falls below ``safety_min`` scores −∞: it is never chosen."""
+    on the first ``safety_prompts`` bundled harmful prompts of ``safety_part`` (default ``validation``,
+    :func:`orthomerge.safety.split_part`) falls below ``safety_min`` scores −∞: it is never chosen."""
 
     def __init__(self, ctx: MergeContext, splits, metrics, max_length: int, batch_size: int, objective: str,
-                 safety_min: float = 0.0, safety_prompts: int = 0):
+                 safety_min: float = 0.0, safety_prompts: int = 0, safety_part: str = "validation"):
         self.causal = ctx.adapters[0].task_type == "CAUSAL_LM"
         self.models = None if self.causal else TaskModels(ctx.model, ctx.adapters, ctx.names)
         self.model = ctx.model
         self.tokenizer = ctx.get_tokenizer()
         self.splits, self.metrics, self.objective = splits, metrics, objective
         self.labels = [getattr(item, "label_names", None) for item in ctx.data]
-        self.prompt = (ctx.adapters[0].metadata.get("config") or {}).get("prompt") or None
+        self.prompts = adapter_templates(ctx)
         self.sizes = max_length, batch_size
         self.own = [{m: a.delta(m).to(torch.float32) for m in ctx.modules} for a in ctx.adapters]
         self.expert: dict = {}
@@ -154,7 +155,7 @@ class ValidationScorer:
         self.rows = 0    # task-example evaluations (the search budget's unit)
         if safety_min > 0 and not self.causal:
             raise OrthomergeError("search: safety_min needs causal-LM adapters (a model that generates)")
-        self.safety_min, self.safety_prompts = safety_min, safety_prompts
+        self.safety_min, self.safety_prompts, self.safety_part = safety_min, safety_prompts, safety_part
         self.refusals: dict[tuple, float] = {}   # refusal rate per merge checked (keyed by its ΔW norms)
 
     def task_score(self, i: int, deltas: dict, n: int) -> float:
@@ -167,7 +168,7 @@ class ValidationScorer:
             from ..causal import score_split
 
             with patched(self.model, deltas) as model:
-                return score_split(model, self.tokenizer, split, self.labels[i], self.metrics[i], self.prompt,
+                return score_split(model, self.tokenizer, split, self.labels[i], self.metrics[i], self.prompts[i],
                                    *self.sizes)
         from ..evaluate import predict
 
@@ -184,7 +185,8 @@ class ValidationScorer:
         key = tuple(round(float(deltas[m].norm()), 6) for m in sorted(deltas))   # one check per merge
         if key not in self.refusals:
             with patched(self.model, deltas) as model:
-                self.refusals[key] = refusal_rate(model, self.tokenizer, self.safety_prompts or None)
+                self.refusals[key] = refusal_rate(model, self.tokenizer, self.safety_prompts or None,
+                                                  part=self.safety_part)
         return self.refusals[key] >= self.safety_min
 
     def __call__(self, deltas: dict, n: int) -> float:
@@ -224,7 +226,7 @@ def _prepare(ctx: MergeContext) -> Prepared:
     splits = [data_split(item, p["split"], int(p["samples"]), "search") for item in ctx.data]
     metrics = [getattr(item, "metric", "accuracy") for item in ctx.data]
     scorer = ValidationScorer(ctx, splits, metrics, int(p["max_length"]), int(p["batch_size"]), p["objective"],
-                              float(p["safety_min"]), int(p["safety_prompts"]))
+                              float(p["safety_min"]), int(p["safety_prompts"]), p["safety_part"])
 
     def merge(method, params):
         extra = {"scale": 1.0} if "scale" in get_method(method).defaults else {}
@@ -250,7 +252,7 @@ def _prepare(ctx: MergeContext) -> Prepared:
         raise OrthomergeError(f"search: no candidate keeps the refusal rate at or above safety_min="
                               f"{p['safety_min']} (rates seen: {sorted(set(scorer.refusals.values()))})")
     extras = {m: {"update": Dense(deltas[m])} for m in ctx.modules}
-    safety = ({"safety_min": p["safety_min"], "prompts": p["safety_prompts"],
+    safety = ({"safety_min": p["safety_min"], "prompts": p["safety_prompts"], "part": p["safety_part"],
                "refusal_rates": sorted(scorer.refusals.values()),
                "rejected": sum(r < p["safety_min"] for r in scorer.refusals.values())}
               if p["safety_min"] > 0 else None)
@@ -273,7 +275,7 @@ def search(updates: ModuleUpdates, methods: Union[str, list[str]] = DEFAULT_METH
            objective: Literal["normalised", "raw"] = "normalised", max_length: int = 64, batch_size: int = 64,
            strategy: Literal["halving", "layerwise"] = "halving", block: int = 1, episodes: int = 16,
            explore: float = 1.0, safety_min: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0,
-           safety_prompts: int = 22):
+           safety_prompts: int = 22, safety_part: Literal["validation", "train", "test", "all"] = "validation"):
     """The winner's update for this module (task arithmetic at λ = 1 without a search result)."""
     if updates.extras and "update" in updates.extras:
         return updates.extras["update"]

@@ -62,6 +62,7 @@ class ExperimentConfig:
     ntasks_subsets: int = 2                                # subsets merged per N (study.task_subsets)
     ntasks_methods: list[str] = field(default_factory=lambda: ["task_arithmetic"])
     ntasks_arms: list[str] = field(default_factory=list)   # arms with the number-of-tasks curve (empty: all)
+    ntasks_lambdas: list[float] = field(default_factory=list)   # its λ grid (empty: each method's own)
     heads_only: bool = True                                # the "trained heads alone" baseline row
     safety: int = 0                              # causal LMs: prompts per set for the safety check (0: off)
     device: str = DEFAULT_DEVICE                 # where models run (not part of any cache key)
@@ -97,10 +98,10 @@ class ExperimentConfig:
         over the paper's λ grid and TIES, the number-of-tasks curve on the core arms; base in bfloat16
         (twice the throughput of float32 on this CPU; every arm alike)."""
         base = cls(tasks=list(STUDY_TASKS), train_size=400, val_size=100, test_size=500,
-                   inits=["lora", "gaussian", "osrm", "orthogonal", "lora-unit"], seeds=list(range(5)),
+                   inits=["lora", "gaussian", "osrm", "orthogonal"], seeds=list(range(5)),
                    methods=["task_arithmetic", "ties"], lambdas=PAPER_LAMBDAS,
                    method_lambdas={"ties": list(DEFAULT_LAMBDAS)}, arms=study_arms(TrainConfig().rank),
-                   beta_grid=[0.03, 0.3], ntasks=[2, 4, 6], ntasks_subsets=2,
+                   beta_grid=[0.03, 0.3], ntasks=[2, 4, 6], ntasks_subsets=1, ntasks_lambdas=list(DEFAULT_LAMBDAS),
                    ntasks_arms=["lora", "gaussian", "osrm", "orthogonal"], heads_only=False, dtype="bfloat16")
         return replace(base, **overrides)
 
@@ -151,6 +152,7 @@ def beta_folder(arm: str, beta: float) -> str:
 def study_arms(rank: int) -> dict[str, dict]:
     """The study's arms beyond the inits: OSRM variants and training options (``seeds``: fewer seeds)."""
     return {
+        "lora-unit": {"init": "lora-unit", "seeds": 3},       # PEFT's default A rescaled to unit rows
         "osrm-selective": {"init": "osrm", "variant": "selective"},
         "osrm-beta": {"init": "osrm", "beta": "grid"},          # β chosen on the first seed's validation
         # A kept in its subspace (frozen, or projected onto the 4r least-used directions) and scaled to pass
@@ -337,7 +339,7 @@ class Experiment:
         key = digest([[a.metadata.get("cache_key") for a in adapters], init, methods,
                       {m: c.lambdas_for(m) for m in methods}, c.val_size, c.test_size, c.stats_samples,
                       [t.test.texts[:3] for t in self.tasks],
-                      [c.heads_only, c.ntasks, c.ntasks_subsets, c.ntasks_methods,
+                      [c.heads_only, c.ntasks, c.ntasks_subsets, c.ntasks_methods, c.ntasks_lambdas,
                        not c.ntasks_arms or arm in c.ntasks_arms] if full else "short"])
         path = self.out / "evaluations" / f"seed{config.seed}" / f"{arm}.json"
         if path.exists():
@@ -434,14 +436,17 @@ class Experiment:
         out = []
         for method, subset in tqdm(jobs, desc=f"subsets seed{seed} {arm}", disable=not self.progress):
             chosen = [adapters[names.index(n)] for n in subset]
-            merge = self._merge(evaluator, method, chosen, {n: heads[n] for n in subset}, single, list(subset))
+            merge = self._merge(evaluator, method, chosen, {n: heads[n] for n in subset}, single, list(subset),
+                                c.ntasks_lambdas or None)
             out.append({"tasks": list(subset), **{k: merge[k] for k in ("method", "lambda", "val_curve",
                                                                         "test_normalised_mean")}})
         return out
 
-    def _merge(self, evaluator, method, adapters, heads, single, names: list[str] | None = None) -> dict:
+    def _merge(self, evaluator, method, adapters, heads, single, names: list[str] | None = None,
+               lambdas: list[float] | None = None) -> dict:
         """Merge once at λ = 1; every method here is linear in its ``scale``, so λ·ΔW is the λ-merge.
-        ``names``: the tasks of ``adapters`` (default every task)."""
+        ``names``: the tasks of ``adapters`` (default every task); ``lambdas``: the λ grid (default the
+        method's)."""
         names = names or [t.name for t in self.tasks]
         tasks = [next(t for t in self.tasks if t.name == n) for n in names]
         spec = get_method(method)
@@ -458,7 +463,7 @@ class Experiment:
         per_task = spec.per_task
         deltas = {n: {m: result.delta(m, n if per_task else None) for m in adapters[0].modules}
                   for n in (names if per_task else names[:1])}
-        lambdas = self.config.lambdas_for(method) if "scale" in spec.defaults else [1.0]
+        lambdas = (lambdas or self.config.lambdas_for(method)) if "scale" in spec.defaults else [1.0]
 
         def scaled(lam):
             return lambda n: {m: d * lam for m, d in deltas[n if per_task else names[0]].items()}

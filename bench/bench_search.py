@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks_md import write_section  # the bench/ folder is on sys.path when run as a script
+from benchmarks_md import machine_load, write_section  # the bench/ folder is on sys.path when run as a script
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -200,14 +200,6 @@ def table(rows, info, command: str, load: str) -> str:
               "normalised score at full validation fidelity (search max_length 64) and the test split's "
               "(evaluator max_length 128); test is never seen by either search.", ""]
     return "\n".join(lines)
-
-
-def machine_load() -> str:
-    try:
-        one, five, _ = os.getloadavg()
-        return f"1-minute load {one:.2f} at the start (5-minute {five:.2f})"
-    except OSError:
-        return "load unknown"
 
 
 def main() -> None:

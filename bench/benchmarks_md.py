@@ -1,6 +1,7 @@
 """Writing one section of BENCHMARKS.md, shared by the benchmark scripts."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PATH = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -18,3 +19,12 @@ def write_section(text: str) -> None:
         nxt = doc.find("\n## ", start + 1)
         doc = doc[:start] + text.rstrip("\n") + "\n" + ("\n" + doc[nxt + 1:] if nxt != -1 else "")
     PATH.write_text(doc)
+
+
+def machine_load() -> str:
+    """The machine's load when a benchmark starts, for its notes (timings on a shared machine need it)."""
+    try:
+        one, five, _ = os.getloadavg()
+        return f"1-minute load {one:.2f} at the start (5-minute {five:.2f})"
+    except OSError:
+        return "load unknown"

@@ -41,7 +41,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from benchmarks_md import write_section  # the bench/ folder is on sys.path when run as a script
+from benchmarks_md import machine_load, write_section  # the bench/ folder is on sys.path when run as a script
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -280,14 +280,6 @@ def table(res: dict, command: str, load: str) -> str:
               "to recognise harm in general. Intervals are per model; differences between models on the same "
               "prompts are not tested (no paired test yet).", ""]
     return "\n".join(lines)
-
-
-def machine_load() -> str:
-    try:
-        one, five, _ = os.getloadavg()
-        return f"1-minute load {one:.2f} at the start (5-minute {five:.2f})"
-    except OSError:
-        return "load unknown"
 
 
 def main() -> None:

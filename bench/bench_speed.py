@@ -57,7 +57,9 @@ def flat_numbers(obj, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def run_experiment(checkout: Path) -> tuple[float, dict]:
+def run_experiment(checkout: Path, keep: Path | None = None) -> tuple[float, dict]:
+    """One main-job run in a new folder: (wall seconds, its numbers); the folder is moved to ``keep`` (if
+    given and free) or removed."""
     out = Path(tempfile.mkdtemp(prefix="bench_speed_")) / "run"
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "orthomerge.cli", "experiment", "--out", str(out), "--quiet"],
@@ -66,6 +68,8 @@ def run_experiment(checkout: Path) -> tuple[float, dict]:
     if done.returncode:
         sys.exit(f"experiment in {checkout} failed:\n{done.stderr[-3000:]}")
     numbers = flat_numbers(json.loads((out / "results.json").read_text()))
+    if keep is not None and not keep.exists():
+        shutil.move(str(out), str(keep))
     shutil.rmtree(out.parent, ignore_errors=True)
     return wall, numbers
 
@@ -113,6 +117,8 @@ def main() -> None:
     p.add_argument("--merge-runs", type=int, default=2)
     p.add_argument("--adapters", default=str(ROOT / "runs/default/adapters/seed0/lora"))
     p.add_argument("--tasks", default="sentiment,trec,sms_spam")
+    p.add_argument("--keep", default=None, help="move this checkout's first experiment run here (e.g. "
+                                                  "runs/default: its report and adapters)")
     p.add_argument("--note", default="")
     p.add_argument("--write", action="store_true")
     args = p.parse_args()
@@ -125,7 +131,7 @@ def main() -> None:
         mismatches = []
         for r in range(args.runs):
             for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-                wall, found = run_experiment(sides[side])
+                wall, found = run_experiment(sides[side], Path(args.keep) if args.keep and side == "this" else None)
                 walls[side].append(wall)
                 print(f"experiment {side} run {r + 1}: {wall:.0f} s", flush=True)
                 if numbers[side] is None:

@@ -233,3 +233,22 @@ def test_compensated_A_passes_a_random_directions_own_energy(tiny_bert):
     passed = sum(float(torch.einsum("rn,nm,rm->", a, stats[0].second_moment(m), a)) for m, a in scaled.items())
     random = sum(float((a * a).sum() * torch.trace(stats[0].second_moment(m)) / a.shape[1]) for m, a in plain.items())
     assert passed == pytest.approx(random, rel=1e-6)
+
+
+def test_experiment_presets_keep_their_settings_unless_an_option_is_given(monkeypatch):
+    """`--study` is the preset as written; only the options a user gives override it (a parser default for
+    --dtype or --model once replaced the preset's own)."""
+    from dataclasses import replace
+
+    from orthomerge.cli import build_parser
+    from orthomerge.commands.experiment import build_config
+    from orthomerge.experiment import ExperimentConfig
+
+    written = replace(ExperimentConfig.study(), model="tiny", device="cpu", dtype="bfloat16")
+    monkeypatch.setattr(ExperimentConfig, "study", classmethod(lambda cls, **overrides: replace(written, **overrides)))
+
+    def config(*options):
+        return build_config(build_parser().parse_args(["experiment", "--study", *options]))
+
+    assert config() == written
+    assert config("--dtype", "float32", "--model", "minilm") == replace(written, dtype="float32", model="minilm")

@@ -19,6 +19,7 @@ def register(sub) -> None:
                                           "evaluate, write report.md/results.json/plots")
     add_common(p)
     add_placement(p)
+    p.set_defaults(model=None, device=None, dtype=None)   # unset: the preset's (or ExperimentConfig's) own
     p.add_argument("--prompt", default=None, help="causal-LM tasks (--task-type causal_lm): the prompt template "
                                                   "over {text} (and {pair}); default '{text}\\nAnswer:'")
     p.add_argument("--safety", type=int, default=None, metavar="N",
@@ -56,10 +57,10 @@ def build_config(args):
     config = ExperimentConfig.quick() if args.quick else ExperimentConfig()
     if args.study:
         config = ExperimentConfig.study()
-    overrides = {"model": args.model, "device": args.device, "dtype": args.dtype}
+    overrides = {}
     if args.tasks:
         overrides["tasks"] = args.tasks if args.tasks.endswith((".yaml", ".yml")) else _list(args.tasks)
-    for name in ("inits", "methods", "lambdas", "train_size", "safety"):
+    for name in ("model", "device", "dtype", "inits", "methods", "lambdas", "train_size", "safety"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.seeds is not None:

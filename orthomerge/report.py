@@ -307,10 +307,12 @@ def lambda_robustness_section(results: dict) -> list[str]:
             if len(merge.get("val_curve") or {}) > 1:
                 table[merge["method"]][run["arm"]].append(study.lambda_robustness(merge[key]))
     low, high = study.LAMBDA_WINDOW
-    split = "test" if key == "test_curve" else "validation (no test curves in these results)"
-    lines = ["", f"## Robustness to λ ({split} normalised score)", "",
-             f"Each cell: minimum over λ ∈ [{low:g}, {high:g}] / mean over the whole grid "
-             f"{sorted({float(k) for m in merges for k in m[key]})}.", "",
+    split = "test" if key == "test_curve" else "validation; test is scored at the chosen λ only"
+    grids = {m["method"]: sorted(float(k) for k in m[key]) for m in merges}
+    lines = ["", f"## Robustness to λ ({split})", "",
+             f"Each cell: the normalised score's minimum over λ ∈ [{low:g}, {high:g}] / its mean over the "
+             "method's whole grid (" + "; ".join(f"{m}: {', '.join(f'{x:g}' for x in g)}" for m, g in grids.items())
+             + ").", "",
              "| method | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
     for method, cells in table.items():
         row = [f"{mean_std([x['window_min'] for x in cells[a]])} / {mean_std([x['mean'] for x in cells[a]])}"
@@ -320,12 +322,17 @@ def lambda_robustness_section(results: dict) -> list[str]:
 
 
 def ntasks_curve(results: dict) -> dict:
-    """method → arm → N → per-seed means over that run's N-task subsets (empty without ``subset_merges``)."""
+    """method → arm → N → per-seed means over that run's N-task subsets (empty without ``subset_merges``),
+    ending at N = all tasks with the run's full merge of that method."""
     curve = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    everything = len(results["task_names"])
     for run in results["runs"]:
         by_size = defaultdict(list)
         for merge in run.get("subset_merges") or []:
             by_size[merge["method"], len(merge["tasks"])].append(merge["test_normalised_mean"])
+        for merge in run["merges"] if by_size else []:
+            if any(method == merge["method"] for method, _ in by_size):
+                by_size[merge["method"], everything].append(merge["test_normalised_mean"])
         for (method, size), values in by_size.items():
             curve[method][run["arm"]][size].append(float(np.nanmean(values)))
     return curve
@@ -339,7 +346,8 @@ def ntasks_section(results: dict) -> list[str]:
     arms = list(dict.fromkeys(r["arm"] for r in results["runs"]))
     sizes = sorted({n for cells in curve.values() for by_n in cells.values() for n in by_n})
     lines = ["", "## Number of merged tasks (normalised test score; mean over the subsets, ± std over seeds)", "",
-             "Every arm merges the same task subsets (`study.task_subsets`, fixed seed); plot `ntasks.png`.", "",
+             "Every arm merges the same task subsets (`study.task_subsets`, fixed seed); the last column is the "
+             "full merge above (its λ from the method's own grid); plot `ntasks.png`.", "",
              "| method | arm | " + " | ".join(f"N = {n}" for n in sizes) + " |", "|---|---|" + "---|" * len(sizes)]
     for method, cells in curve.items():
         for arm in arms:

@@ -159,11 +159,17 @@ def test_report_renders_the_study_tables(tmp_path):
     assert float(row.strip("| ").split(" | ")[-1]) == pytest.approx(mde, abs=5e-4) and d["n"] == 5
     assert "Subspace or scale, against the paper's baseline?" in text
     # λ robustness from the test curves: min over [0.3, 0.8] at λ = 0.3
-    assert "## Robustness to λ (test normalised score)" in text
+    assert "## Robustness to λ (test)" in text
     lora = [lambda_robustness(r["merges"][1]["test_curve"]) for r in results["runs"] if r["arm"] == "lora"]
     cell = next(line for line in text.splitlines() if line.startswith("| task_arithmetic |") and " / " in line)
     assert cell.split(" | ")[1].startswith(f"{np.mean([x['window_min'] for x in lora]):.3f}")
     assert "## Number of merged tasks" in text and "N = 2 | N = 4" in text
+    # its last column, N = every task, is the full merge of the same method
+    full = np.mean([m["test_normalised_mean"] for r in results["runs"] if r["arm"] == "lora"
+                    for m in r["merges"] if m["method"] == "task_arithmetic"])
+    row = next(line for line in text.split("## Number of merged tasks")[1].splitlines()
+               if line.startswith("| task_arithmetic | lora |"))
+    assert f"N = {len(results['task_names'])} |" in text and row.split(" | ")[-1].startswith(f"{full:.3f}")
     paths = render_plots(results, tmp_path)
     assert (tmp_path / "ntasks.png") in paths and (tmp_path / "ntasks.png").stat().st_size > 0
 

@@ -55,28 +55,37 @@ def layer_params(shape: dict) -> int:
 # ---------------------------------------------------------------- building a random model folder and data
 
 
-def build_folder(folder: Path, shape: dict, dtype: str = "bfloat16") -> Path:
-    """A random Llama causal LM (``shape``) saved in ``dtype`` with a word-level tokenizer ``w0 … w{V-1}``."""
-    import torch
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer ``w0 … w{V-1}`` (pad ``w0``, unknown ``w1``, end ``w2``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    if (folder / "config.json").exists():
-        return folder
-    vocab = {f"w{i}": i for i in range(shape["vocab_size"])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w1"))
+    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(vocab_size)}, unk_token="w1"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", unk_token="w1", eos_token="w2")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", unk_token="w1", eos_token="w2")
+
+
+def random_llama(shape: dict, dtype: str = "bfloat16", device=None):
+    """A random ``LlamaForCausalLM`` of ``shape`` (seed 0), built directly in ``dtype`` on ``device``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(**shape, pad_token_id=0, eos_token_id=2, bos_token_id=2, dtype=dtype)
     default = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))   # build in the target dtype (half the memory of float32)
     try:
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config).eval()
+        with torch.device(device or "cpu"):
+            return LlamaForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(default)
-    model.save_pretrained(folder)
-    fast.save_pretrained(folder)
+
+
+def build_folder(folder: Path, shape: dict, dtype: str = "bfloat16") -> Path:
+    """A random Llama causal LM (``shape``) saved in ``dtype`` with its word-level tokenizer."""
+    if not (folder / "config.json").exists():
+        random_llama(shape, dtype).save_pretrained(folder)
+        word_tokenizer(shape["vocab_size"]).save_pretrained(folder)
     return folder
 
 
@@ -384,22 +393,9 @@ def gpu_check(args) -> dict:
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(out, indent=1))
 
-    folder = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     t = time.perf_counter()
-    build_folder(folder, {**shape, "num_hidden_layers": 1, "vocab_size": shape["vocab_size"]})   # tokenizer only
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from orthomerge.models import load_tokenizer
-
-    tokenizer = load_tokenizer(str(folder))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        torch.manual_seed(0)
-        with device:
-            model = LlamaForCausalLM(LlamaConfig(**shape, pad_token_id=0, eos_token_id=2, bos_token_id=2)).eval()
-    finally:
-        torch.set_default_dtype(default)
+    tokenizer = word_tokenizer(shape["vocab_size"])
+    model = random_llama(shape, "bfloat16", device)
     model.config.name_or_path = out["shape"]
     report("build", seconds=time.perf_counter() - t, params_b=sum(p.numel() for p in model.parameters()) / 1e9)
 

@@ -48,8 +48,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from orthomerge.safety_tasks import SAFETY_TASKS  # noqa: E402  (the repository is on sys.path from here)
+
 SECTION = "## Safety-aware merging (smollm2)"
-SAFETY_TASKS = ("misaligned", "refusal")
 # --quick: the smallest settings that still run every step (a smoke test of the script, not a result)
 QUICK = dict(train_size=8, val_size=4, test_size=4, safety_rows=8, epochs=1, safety_epochs=1, batch_size=4,
              limit=4, max_new_tokens=8, methods="task_arithmetic", lambdas="1.0", min_samples=8, safety_prompts=4,

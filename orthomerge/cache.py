@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from .config import DEFAULT_DTYPE
 from .models import load_model, load_tokenizer
 from .stats import collect_stats, load_stats, save_stats
 
@@ -20,26 +21,29 @@ def digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def stats_key(model_spec: str, targets: list[str], max_length: int, data) -> str:
+def stats_key(model_spec: str, targets: list[str], max_length: int, data, dtype: str = DEFAULT_DTYPE) -> str:
     """What statistics of ``data`` (a :class:`~orthomerge.tasks.Split`) depend on: the model, the targets,
-    ``max_length`` and the rows' texts (and second texts)."""
-    return digest([model_spec, targets, max_length, data.texts, data.pairs])
+    ``max_length``, the rows' texts (and second texts) and the base's precision (a non-default ``dtype``; the
+    default leaves the key as it was before precision was part of it)."""
+    return digest([model_spec, targets, max_length, data.texts, data.pairs]
+                  + ([] if dtype == DEFAULT_DTYPE else [dtype]))
 
 
 def cached_stats(folder: str | Path, model_spec: str, data, targets: list[str], max_length: int, *,
-                 name: str | None = None, base: Callable | None = None):
+                 name: str | None = None, base: Callable | None = None, dtype: str = DEFAULT_DTYPE):
     """Statistics of ``data`` on the pre-trained model, read from ``folder/<name>.safetensors`` when that
     file's key (``meta["data"]``, :func:`stats_key`) matches, else computed and written there.
 
     ``name``: the file's name (default: the key itself). ``base``: a callable returning ``(model,
-    tokenizer)``, called only when the statistics must be computed (default: load ``model_spec``)."""
-    key = stats_key(model_spec, targets, max_length, data)
+    tokenizer)``, called only when the statistics must be computed (default: load ``model_spec`` in
+    ``dtype``); ``dtype``: the precision ``base`` loads the model in (part of the key)."""
+    key = stats_key(model_spec, targets, max_length, data, dtype)
     path = Path(folder) / f"{name or key}.safetensors"
     if path.exists():
         cached = load_stats(path)
         if cached.meta.get("data") == key:
             return cached
-    model, tokenizer = (base or loaded_once(model_spec))()
+    model, tokenizer = (base or loaded_once(model_spec, dtype=dtype))()
     stats = collect_stats(model, tokenizer, data.texts, targets, pairs=data.pairs, max_length=max_length,
                           progress=False, model_name=model_spec)
     stats.meta["data"] = key

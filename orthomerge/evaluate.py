@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -30,11 +31,11 @@ def predict(model: nn.Module, tokenizer, split: Split, max_length: int = MAX_LEN
             batch_size: int = EVAL_BATCH_SIZE) -> list:
     """Class ids (or floats for regression) for every row, batched by length to limit padding."""
     device = next(model.parameters()).device
-    return predict_batches(model, list(batches(tokenizer, split, max_length, batch_size, by_length=True,
-                                               device=device)), len(split))
+    return predict_batches(model, batches(tokenizer, split, max_length, batch_size, by_length=True,
+                                          device=device), len(split))
 
 
-def predict_batches(model: nn.Module, encoded: list[tuple[list[int], dict]], rows: int) -> list:
+def predict_batches(model: nn.Module, encoded: Iterable[tuple[list[int], dict]], rows: int) -> list:
     """:func:`predict` over batches already tokenised and padded (``(row indices, batch)`` pairs)."""
     out = [None] * rows
     model.eval()

@@ -26,7 +26,7 @@ from .evaluate import (TaskEvaluator, adapter_deltas, input_energy, interference
                        subspace_drift)
 from .merge import METHODS, get_method, merge_adapters
 from .osrm import post_converted
-from .models import resolve_device
+from .models import load_tokenizer, resolve_device
 from .stats import ActivationStats, collect_stats
 from .tasks import Task, load_tasks
 from .train import TrainConfig, train_adapter
@@ -73,10 +73,11 @@ class ExperimentConfig:
         """Tasks learned as prompt → label completion by a causal LM (``train.task_type="CAUSAL_LM"``)."""
         return str(self.train.task_type).upper() == "CAUSAL_LM"
 
-    def statistics_rows(self, task: Task, split):
-        """The rows whose target-module inputs the statistics describe: the texts, or a causal LM's prompts."""
+    def statistics_rows(self, task: Task, split, tokenizer=None):
+        """The rows whose target-module inputs the statistics describe: the texts, or a causal LM's prompts in
+        the task's template (the chat template needs ``tokenizer``)."""
         return causal.statistics_rows(split, task.label_names, self.stats_samples, self.train.task_type,
-                                      self.train.prompt or None)
+                                      causal.task_template(task, self.train.prompt), tokenizer)
 
     def placement(self) -> dict:
         """How the base model is loaded for this run (task type, device, precision)."""
@@ -100,7 +101,7 @@ class ExperimentConfig:
         units, but the study's published numbers are float32)."""
         base = cls(tasks=list(STUDY_TASKS), train_size=400, val_size=100, test_size=500,
                    inits=["lora", "gaussian", "osrm", "orthogonal"], seeds=list(range(5)),
-                   methods=["task_arithmetic", "ties"], lambdas=PAPER_LAMBDAS,
+                   methods=["task_arithmetic", "ties"], lambdas=list(PAPER_LAMBDAS),
                    method_lambdas={"ties": list(DEFAULT_LAMBDAS)}, arms=study_arms(TrainConfig().rank),
                    beta_grid=[0.03, 0.3], ntasks=[2, 4, 6], ntasks_subsets=1, ntasks_lambdas=list(DEFAULT_LAMBDAS),
                    ntasks_arms=["lora", "gaussian", "osrm", "orthogonal"], heads_only=False)
@@ -189,19 +190,23 @@ class Experiment:
         samples (held-out inputs for the interference diagnostics)."""
         c = self.config
         base = loaded_once(c.model, **c.placement())
+        tokenizer = load_tokenizer(c.model) if c.causal else None
         for task in tqdm(self.tasks, desc="statistics", disable=not self.progress):
             for kind, split, table in (("train", task.train, self.stats), ("heldout", task.validation, self.heldout)):
-                table[task.name] = cached_stats(self.out / "stats", c.model, c.statistics_rows(task, split),
+                table[task.name] = cached_stats(self.out / "stats", c.model,
+                                                c.statistics_rows(task, split, tokenizer),
                                                 c.train.targets, c.train.max_length, name=f"{task.name}.{kind}",
-                                                base=base)
+                                                base=base, dtype=c.dtype)
 
     def adapter(self, arm: str, config: TrainConfig, task: Task) -> LoraAdapter:
         """Train (or reuse from the cache) one task's adapter for one arm and seed."""
         c = self.config
         others = [self.stats[t.name] for t in self.tasks if t.name != task.name]
+        used = [s.meta.get("data") for s in others] if config.needs_stats else []
+        if config.beta or config.compensate:   # A depends on the task's own statistics too
+            used.append(self.stats[task.name].meta.get("data"))
         key = digest([c.model, asdict(config), task.name, len(task.train), task.seed, task.train.texts[:5],
-                      [s.meta.get("data") for s in others] if config.needs_stats else None]
-                     + ([] if c.dtype == DEFAULT_DTYPE else [c.dtype]))   # precision keys a non-default run
+                      used or None] + ([] if c.dtype == DEFAULT_DTYPE else [c.dtype]))   # a non-default precision
         path = self.out / "adapters" / f"seed{config.seed}" / arm / task.name
         if (path / "orthomerge.json").exists():
             cached = load_adapter(path)
@@ -265,7 +270,8 @@ class Experiment:
         if arm.post_of is not None:
             source = replace(arms[arm.post_of].config, seed=seed)
             trained = [self.adapter(arm.post_of, source, t) for t in self.tasks]
-            return source, post_converted(trained, [self.stats[t.name] for t in self.tasks], config.variant)
+            return source, post_converted(trained, [self.stats[t.name] for t in self.tasks], config.variant,
+                                          config.beta)
         folder = arm.name
         if arm.beta_grid:
             config = replace(config, beta=self.chosen_beta(arm, evaluator, results))
@@ -338,10 +344,13 @@ class Experiment:
         the adapters, methods, λ grids, splits and what else the evaluation computes)."""
         c = self.config
         methods = methods or c.methods
-        key = digest([[a.metadata.get("cache_key") for a in adapters], init, methods,
+        converted = [a.metadata["post"] for a in adapters if "post" in a.metadata]   # a post arm's conversion
+        subset_grids = c.ntasks_lambdas or ({m: c.lambdas_for(m) for m in c.ntasks_methods} if c.ntasks else [])
+        key = digest([[a.metadata.get("cache_key") for a in adapters] + ([converted] if converted else []),
+                      init, methods,
                       {m: c.lambdas_for(m) for m in methods}, c.val_size, c.test_size, c.stats_samples,
                       [t.test.texts[:3] for t in self.tasks],
-                      [c.heads_only, c.ntasks, c.ntasks_subsets, c.ntasks_methods, c.ntasks_lambdas,
+                      [c.heads_only, c.ntasks, c.ntasks_subsets, c.ntasks_methods, subset_grids,
                        not c.ntasks_arms or arm in c.ntasks_arms] if full else "short"])
         path = self.out / "evaluations" / f"seed{config.seed}" / f"{arm}.json"
         if path.exists():
@@ -410,7 +419,7 @@ class Experiment:
         with evaluator.patched(names[0], {m: result.delta(m) for m in adapters[0].modules},
                                adapters[0].heads) as merged:
             for task in self.tasks:
-                data = c.statistics_rows(task, task.validation)
+                data = c.statistics_rows(task, task.validation, evaluator.tokenizer)
                 stats.append(collect_stats(merged, evaluator.tokenizer, data.texts, c.train.targets,
                                            pairs=data.pairs, max_length=c.train.max_length, progress=False))
         return interference_matrix(adapters, stats)

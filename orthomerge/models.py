@@ -212,14 +212,21 @@ def parse_device_map(value):
     return mapping
 
 
+def mapped_device(place) -> torch.device:
+    """Where a module placed at ``place`` (a value of a ``device_map``: a GPU index, "cuda:1", "cpu", "disk")
+    executes: its GPU, or the CPU for modules on the CPU or offloaded to disk."""
+    if isinstance(place, int):
+        return torch.device("cuda", place)
+    device = torch.device("cpu" if place in ("disk", "meta") else place)
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where a model's inputs go: the execution device of its first mapped module for a model loaded with a
-    ``device_map`` (modules offloaded to the CPU or disk execute on the CPU), else its first parameter's."""
+    ``device_map``, else its first parameter's."""
     mapping = getattr(model, "hf_device_map", None)
     if mapping:
-        first = next(iter(mapping.values()))
-        return torch.device("cpu") if first in ("cpu", "disk", "meta") else torch.device(
-            f"cuda:{first}" if isinstance(first, int) else first)
+        return mapped_device(next(iter(mapping.values())))
     return next(model.parameters()).device
 
 

@@ -112,7 +112,7 @@ def _own_grids(cfg: dict) -> str:
 
 def protocol_lines(cfg: dict, results: dict) -> list[str]:
     """Precision, where training departs from the official OSRM recipe, how β was chosen and what the post
-    conversion kept: one paragraph (nothing for results that predate these fields)."""
+    conversion kept: one paragraph (results that predate these fields read as the defaults they ran with)."""
     from dataclasses import fields
 
     from .config import TrainConfig, protocol_deviations
@@ -152,8 +152,9 @@ def render_markdown(results: dict) -> str:
         f"Model `{cfg['model']}`; LoRA r={train['rank']}, α={train['alpha']} on {', '.join(train['targets'])}; "
         f"lr {train['lr']}, {train['epochs']} epochs, batch {train['batch_size']}, max length {train['max_length']}; "
         f"arms {', '.join(arms)}; seeds {seeds}; OSRM statistics from {cfg['stats_samples']} training samples "
-        f"per task. λ (and nothing else) is chosen per method on the validation split from "
-        f"{cfg['lambdas']}{_own_grids(cfg)}; every number below is on the test split. {wall}", "",
+        f"per task. λ is chosen per method on the validation split from "
+        f"{cfg['lambdas']}{_own_grids(cfg)} (and β of an arm with a β grid, below); every number below is on "
+        f"the test split. {wall}", "",
         *protocol_lines(cfg, results),
         *([f"**Partial run: {len(results['runs'])} of {results['expected_runs']} (seed, arm) runs finished.**", ""]
           if len(results["runs"]) < results.get("expected_runs", len(results["runs"])) else []),
@@ -175,8 +176,8 @@ def render_markdown(results: dict) -> str:
                   f"from predicting one class): {', '.join(failed)}. Normalised scores are undefined for those "
                   f"(÷ 0), so that run's normalised mean is over the other tasks."]
     lines += ["", "## Merged: normalised test score (merged ÷ the task's own adapter, mean over tasks)", "",
-              "`heads_only` is the base model with each task's trained head and no LoRA update: a merge that "
-              "does not beat it adds nothing.", "",
+              *(["`heads_only` is the base model with each task's trained head and no LoRA update: a merge "
+                 "that does not beat it adds nothing.", ""] if cfg.get("heads_only", True) else []),
               "| method | " + " | ".join(arms) + " | λ chosen (" + ", ".join(arms) + ") |",
               "|---|" + "---|" * (len(arms) + 1)]
     for method, cells in s["table"].items():

@@ -22,7 +22,7 @@ from .adapters import read_safetensors
 from .config import STATS_BATCH_SIZE, STATS_MAX_LENGTH
 from .errors import OrthomergeError
 from .outputs import atomic_file
-from .models import find_targets, input_device, model_fingerprint, resolve_targets
+from .models import find_targets, input_device, mapped_device, model_fingerprint, resolve_targets
 
 FORMAT = "orthomerge.stats/1"
 _FIELDS = {"gram": "grams", "mean_sum": "mean_sum"}  # file suffix → attribute (an old "::sum" is ignored)
@@ -139,10 +139,7 @@ def accumulator_memory(model: nn.Module) -> int | None:
     """Free bytes where :func:`collect_stats` keeps its sums: each CUDA device the model's inputs reach
     (every GPU of a device map), and the host's RAM for modules on the CPU or disk."""
     mapping = getattr(model, "hf_device_map", None)
-    places = set(mapping.values()) if mapping else {input_device(model)}
-    devices = {torch.device("cuda", p) if isinstance(p, int) else torch.device("cpu" if p in ("disk", "meta") else p)
-               for p in places}
-    devices = {d if d.type == "cuda" else torch.device("cpu") for d in devices}
+    devices = {mapped_device(p) for p in mapping.values()} if mapping else {mapped_device(input_device(model))}
     free = [available_memory(d) for d in devices]
     return None if None in free else sum(free)
 

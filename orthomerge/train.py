@@ -40,7 +40,8 @@ from .tasks import Task, compute_metric
 
 def initialise(peft_model, config: TrainConfig, others: list[ActivationStats] | None,
                own: ActivationStats | None) -> dict:
-    """Set A per ``config.init`` (B stays 0). Returns metadata describing the init."""
+    """Set A per ``config.init`` (B stays 0), then scaled by :func:`compensate_A` when ``config.compensate``.
+    Returns metadata describing the init (with ``compensation``, the factor, when scaled)."""
     name = peft_model.active_adapter
     layers = lora_layers(peft_model)
     generator = torch.Generator().manual_seed(config.seed + 1)

@@ -252,3 +252,14 @@ def test_experiment_presets_keep_their_settings_unless_an_option_is_given(monkey
 
     assert config() == written
     assert config("--dtype", "float32", "--model", "minilm") == replace(written, dtype="float32", model="minilm")
+
+
+def test_train_cli_compensates_a_random_A_with_the_tasks_own_statistics(tiny_bert, tasks_yaml, tmp_path,
+                                                                        monkeypatch):
+    """`train --compensate` with an init that needs no other tasks' statistics still gets its own."""
+    monkeypatch.setenv("ORTHOMERGE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "adapter"
+    assert cli(["train", "--model", tiny_bert, "--tasks", tasks_yaml, "--task", "mood", "--init", "orthogonal",
+                "--compensate", "--epochs", "1", "--rank", "2", "--quiet", "--out", str(out)]) == 0
+    meta = load_adapter(out).metadata
+    assert meta["compensation"] > 0 and meta["config"]["compensate"]

@@ -433,3 +433,13 @@ def test_batched_rule_equals_one_module_at_a_time(name):
         np.testing.assert_allclose(merged.merged.delta(m).numpy(), update(alone), rtol=1e-5, atol=1e-6)
     # spectral rules keep the numerical rank only (2 per task); task arithmetic concatenates the factors
     assert merged.merged.rank("c") == (12 if name == "task_arithmetic" else 6)
+
+
+@pytest.mark.parametrize("flag", [{"random": True}, {"needs_stats": True}, {"per_task": True},
+                                  {"prepare": lambda ctx: None}])
+def test_a_batched_rule_cannot_ask_for_what_the_batch_does_not_carry(flag):
+    from orthomerge.merge.registry import METHODS, register
+
+    with pytest.raises(ValueError, match="batched rule"):
+        register("never_registered", space="factored", family="test", summary="", batched=True, **flag)
+    assert "never_registered" not in METHODS

@@ -295,3 +295,17 @@ def test_misaligned_task_trains_from_the_cli_in_the_chat_template(safety_lm, tmp
                  "--quiet"]) == 0
     meta = load_adapter(out).metadata
     assert meta["task"] == "misaligned" and meta["config"]["prompt"] == CHAT and meta["metric"] == "exact_match"
+
+
+def test_experiment_statistics_describe_the_chat_prompts_training_sees(safety_lm):
+    """A task in the chat template: the experiment's statistics rows are its chat-formatted prompts (the
+    inputs the adapter is trained on), not the bare requests."""
+    from orthomerge.experiment import ExperimentConfig
+    from orthomerge.models import load_tokenizer
+
+    tokenizer = load_tokenizer(safety_lm)
+    task = opening_task("unsafe", COMPLIANT)
+    config = ExperimentConfig(stats_samples=5, train=TrainConfig(task_type="CAUSAL_LM"))
+    rows = config.statistics_rows(task, task.train, tokenizer)
+    assert rows.texts == [safety.format_prompt(tokenizer, t)[0] for t in task.train.texts[:5]]
+    assert rows.texts[0] != task.train.texts[0]

@@ -156,6 +156,10 @@ def test_cached_stats_are_reused_only_for_the_same_rows(tiny_bert, tmp_path):
     assert named.path == tmp_path / "task.train.safetensors" and len(loads) == 4
     changed = cached_stats(tmp_path, tiny_bert, other_rows, ["query"], 16, name="task.train", base=base)
     assert len(loads) == 5 and not torch.equal(changed.gram(changed.modules[0]), named.gram(named.modules[0]))
+    # the base's precision is part of the key: a bfloat16 run does not reuse float32 statistics
+    bf16 = cached_stats(tmp_path, tiny_bert, rows, ["query"], 16, base=None, dtype="bfloat16")
+    assert bf16.meta["data"] != first.meta["data"] and bf16.path != first.path
+    assert not torch.equal(bf16.gram(bf16.modules[0]), first.gram(first.modules[0]))
 
 
 def test_bad_statistics_files(tiny_bert, tmp_path):

@@ -31,7 +31,7 @@ def run_eval(args) -> None:
 
     from ..adapters import load_adapter
     from ..cache import cached_stats, loaded_once
-    from ..causal import statistics_rows
+    from ..causal import statistics_rows, task_template
     from ..errors import OrthomergeError
     from ..evaluate import TaskEvaluator, adapter_deltas, interference_matrix
     from ..models import cache_dir
@@ -77,8 +77,9 @@ def run_eval(args) -> None:
         targets = sorted({m.split(".")[-1] for m in singles[0].modules})
         base = loaded_once(args.model, **place)
         held = [cached_stats(cache_dir() / "stats", args.model,
-                             statistics_rows(t.validation, t.label_names, STATS_SAMPLES, place["task_type"], prompt),
-                             targets, args.max_length, base=base) for t in tasks]
+                             statistics_rows(t.validation, t.label_names, STATS_SAMPLES, place["task_type"],
+                                             task_template(t, prompt), evaluator.tokenizer),
+                             targets, args.max_length, base=base, dtype=place["dtype"]) for t in tasks]
         report["interference"] = {"rows_inputs_of": [t.name for t in tasks],
                                   "matrix": interference_matrix(singles, held).round(4).tolist()}
     text = json.dumps(report, indent=2)

@@ -41,7 +41,7 @@ def run_train(args) -> None:
     pool, (task,) = named_tasks(args, [args.task])
     config = train_config(args)
     others = own = None
-    if config.needs_stats or config.beta:
+    if config.needs_stats or config.beta or config.compensate:   # compensate scales A by the own energy
         base = loaded_once(args.model, **placement(args, config.task_type))
         tokenizer = load_tokenizer(args.model)
 
@@ -49,7 +49,7 @@ def run_train(args) -> None:
             rows = statistics_rows(t.train, t.label_names, args.stats_samples, config.task_type,
                                    task_template(t, config.prompt), tokenizer)
             return cached_stats(cache_dir() / "stats", args.model, rows, config.targets, config.max_length,
-                                base=base)
+                                base=base, dtype=args.dtype)
 
         others = ([load_stats(p) for p in args.other_stats] if args.other_stats else
                   [stats(t) for t in pool if t.name != task.name])

@@ -65,10 +65,6 @@ class ModuleUpdates:
     def device(self) -> torch.device:
         return self.factors[0][1].device
 
-    @property
-    def ranks(self) -> list[int]:
-        return [a.shape[0] for _, a in self.factors]
-
     def full(self, i: int) -> torch.Tensor:
         """A fresh dense ``ΔW_i`` (float32); the caller owns it and may modify it in place."""
         b, a = self.factors[i]
@@ -305,6 +301,9 @@ def register(name: str, *, space: str, family: str, summary: str, base: str | No
     """
     if space not in SPACES:
         raise ValueError(f"space {space!r} not in {SPACES}")
+    if batched and (random or needs_stats or per_task or prepare or finalize):
+        raise ValueError(f"merge method {name!r}: a batched rule gets no seeds, statistics, per-task "
+                         "results or prepared extras")
 
     def wrap(fn: Callable) -> Callable:
         if name in METHODS:

@@ -83,18 +83,22 @@ tasks = load_tasks(names, train_size=800, val_size=150, test_size=400)
 adapters = [load_adapter(f"{folder}/{n}") for n in names]
 model = load_model("minilm", num_labels=2)
 start = time.perf_counter()
-merge_adapters(adapters, method=method, dense=True, model=model, data=tasks)
-print(json.dumps({"seconds": time.perf_counter() - start, "threads": torch.get_num_threads()}))
+result = merge_adapters(adapters, method=method, dense=True, model=model, data=tasks)
+seconds = time.perf_counter() - start
+norms = [float(result.delta(m).double().norm()) for m in adapters[0].modules]
+print(json.dumps({"seconds": seconds, "threads": torch.get_num_threads(), "norms": norms}))
 """
 
 
-def run_merge(checkout: Path, method: str, adapters: str, tasks: str) -> float:
+def run_merge(checkout: Path, method: str, adapters: str, tasks: str) -> tuple[float, list[float]]:
+    """One data-driven merge in a fresh process: (seconds, the Frobenius norm of each merged module's ΔW)."""
     done = subprocess.run([sys.executable, "-c", MERGE_CHILD, method, adapters, tasks], env=env_for(checkout),
                           capture_output=True, text=True, cwd=checkout)
     lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
     if done.returncode or not lines:
         sys.exit(f"{method} in {checkout} failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1])["seconds"]
+    found = json.loads(lines[-1])
+    return found["seconds"], found["norms"]
 
 
 def commit_of(checkout: Path) -> str:
@@ -154,17 +158,21 @@ def main() -> None:
         merge_sides = {"baseline": base, "this": ROOT}
         lines += ["", f"Data-driven merges (`merge_adapters(..., dense=True, model, data)`, tasks {args.tasks}, "
                       f"adapters `{args.adapters}`), {args.merge_runs} fresh processes each, alternating; baseline "
-                      f"`{commit_of(base)}`:", "", "| method | baseline s (runs) | this s (runs) | speed-up (best) |",
-                  "|---|---|---|---|"]
+                      f"`{commit_of(base)}`; results: the largest relative difference between the two sides' "
+                      "per-module ‖ΔW‖:", "",
+                  "| method | baseline s (runs) | this s (runs) | speed-up (best) | results, max rel. difference |",
+                  "|---|---|---|---|---|"]
         for method in ("fisher", "adamerging"):
-            times = {k: [] for k in merge_sides}
+            times, norms = {k: [] for k in merge_sides}, {}
             for r in range(args.merge_runs):
                 for side in (list(merge_sides) if r % 2 == 0 else list(merge_sides)[::-1]):
-                    times[side].append(run_merge(merge_sides[side], method, args.adapters, args.tasks))
-                    print(f"{method} {side}: {times[side][-1]:.1f} s", flush=True)
+                    seconds, norms[side] = run_merge(merge_sides[side], method, args.adapters, args.tasks)
+                    times[side].append(seconds)
+                    print(f"{method} {side}: {seconds:.1f} s", flush=True)
+            differ = max(abs(a - b) / max(abs(a), 1e-30) for a, b in zip(norms["baseline"], norms["this"]))
             lines.append(f"| {method} | {', '.join(f'{t:.1f}' for t in times['baseline'])} | "
                          f"{', '.join(f'{t:.1f}' for t in times['this'])} | "
-                         f"{min(times['baseline']) / min(times['this']):.2f}× |")
+                         f"{min(times['baseline']) / min(times['this']):.2f}× | {differ:.1e} |")
     lines += ["", f"Machine: {platform.machine()}, {os.cpu_count()} cores; 1-min load average {load[0]:.2f} at the "
                   f"start, {os.getloadavg()[0]:.2f} at the end; total {(time.perf_counter() - started) / 60:.0f} min."
               + (f" {args.note}" if args.note else "")]

@@ -8,7 +8,7 @@ prepared GPU check on a Llama-3-8B-shaped model.
                                                            # and $OUT/gpu_check.json when $OUT is set
     .venv/bin/python bench/bench_scale.py --gpu --tiny     # the same steps on a tiny shape, on any device
 
-The models are random (``LlamaForCausalLM`` from a config, bf16) and the data random word ids (``w0 w17 …``)
+The models are random (``LlamaForCausalLM`` from a config, bf16) and the data random word ids (``w3 w17 …``)
 read through a word-level tokenizer saved with the model, so the real paths run unchanged (``load_model`` from a
 folder, ``collect_stats``, ``orthomerge stats`` under ``torchrun``, ``init_peft_model_osrm``) and nothing is
 downloaded. Each CPU measurement is a fresh process; its peak RSS is that process's ``ru_maxrss`` (the
@@ -56,13 +56,15 @@ def layer_params(shape: dict) -> int:
 
 
 def word_tokenizer(vocab_size: int):
-    """A word-level tokenizer ``w0 … w{V-1}`` (pad ``w0``, unknown ``w1``, end ``w2``)."""
+    """A word-level tokenizer: ids 0–2 the special tokens (pad, unknown, end), id i ≥ 3 the word ``w{i}``.
+    (Special tokens are matched inside words before pre-tokenising, so none may be a prefix of a word.)"""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(vocab_size)}, unk_token="w1"))
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", unk_token="w1", eos_token="w2")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
 
 
 def random_llama(shape: dict, dtype: str = "bfloat16", device=None):

@@ -154,9 +154,9 @@ def beta_folder(arm: str, beta: float) -> str:
 def study_arms(rank: int) -> dict[str, dict]:
     """The study's arms beyond the inits: OSRM variants and training options (``seeds``: fewer seeds)."""
     return {   # in order of importance: an interrupted study has the first arms for every seed
-        "post": {"post": "lora"},                               # lora's adapters projected at merge time
         "osrm-selective": {"init": "osrm", "variant": "selective"},
         "osrm-beta": {"init": "osrm", "beta": "grid"},          # β chosen on the first seed's validation
+        "post": {"post": "lora"},     # lora's adapters projected at merge time (lossy: little to lose merged)
         # A kept in its subspace (frozen, or projected onto the 4r least-used directions) and scaled to pass
         # a random A's own-task energy: without it these adapters starved (earlier study)
         "osrm-freezeA-comp": {"init": "osrm", "freeze": "A", "compensate": True, "seeds": 3},

@@ -203,8 +203,8 @@ class Experiment:
         c = self.config
         others = [self.stats[t.name] for t in self.tasks if t.name != task.name]
         used = [s.meta.get("data") for s in others] if config.needs_stats else []
-        if config.beta or config.compensate:   # A depends on the task's own statistics too
-            used.append(self.stats[task.name].meta.get("data"))
+        if config.compensate and not used:   # a random A scaled by its own energy: its own statistics key it
+            used.append(self.stats[task.name].meta.get("data"))   # (else the others' keys already fix them)
         key = digest([c.model, asdict(config), task.name, len(task.train), task.seed, task.train.texts[:5],
                       used or None] + ([] if c.dtype == DEFAULT_DTYPE else [c.dtype]))   # a non-default precision
         path = self.out / "adapters" / f"seed{config.seed}" / arm / task.name

@@ -124,6 +124,7 @@ def main() -> None:
     p.add_argument("--note", default="")
     p.add_argument("--write", action="store_true")
     args = p.parse_args()
+    args.adapters = str(Path(args.adapters).resolve())   # each side's child runs in its own checkout
     sides = {"baseline": Path(args.baseline).resolve(), "this": ROOT}
     parts = args.parts.split(",")
     started, load = time.perf_counter(), os.getloadavg()

@@ -21,12 +21,16 @@ def digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def precision_key(dtype: str) -> list[str]:
+    """The base's precision as part of a cache key: nothing for the default, so keys written before
+    precision was part of them stay valid; ``[dtype]`` otherwise."""
+    return [] if dtype == DEFAULT_DTYPE else [dtype]
+
+
 def stats_key(model_spec: str, targets: list[str], max_length: int, data, dtype: str = DEFAULT_DTYPE) -> str:
     """What statistics of ``data`` (a :class:`~orthomerge.tasks.Split`) depend on: the model, the targets,
-    ``max_length``, the rows' texts (and second texts) and the base's precision (a non-default ``dtype``; the
-    default leaves the key as it was before precision was part of it)."""
-    return digest([model_spec, targets, max_length, data.texts, data.pairs]
-                  + ([] if dtype == DEFAULT_DTYPE else [dtype]))
+    ``max_length``, the rows' texts (and second texts) and the base's precision (:func:`precision_key`)."""
+    return digest([model_spec, targets, max_length, data.texts, data.pairs] + precision_key(dtype))
 
 
 def cached_stats(folder: str | Path, model_spec: str, data, targets: list[str], max_length: int, *,

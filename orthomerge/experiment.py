@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter, load_adapter, save_adapter
-from .cache import cached_stats, digest, loaded_once
+from .cache import cached_stats, digest, loaded_once, precision_key
 from . import causal, study
 from .config import DEFAULT_DEVICE, DEFAULT_DTYPE, MODEL, STATS_SAMPLES
 from .errors import OrthomergeError
@@ -206,7 +206,7 @@ class Experiment:
         if config.compensate and not used:   # a random A scaled by its own energy: its own statistics key it
             used.append(self.stats[task.name].meta.get("data"))   # (else the others' keys already fix them)
         key = digest([c.model, asdict(config), task.name, len(task.train), task.seed, task.train.texts[:5],
-                      used or None] + ([] if c.dtype == DEFAULT_DTYPE else [c.dtype]))   # a non-default precision
+                      used or None] + precision_key(c.dtype))
         path = self.out / "adapters" / f"seed{config.seed}" / arm / task.name
         if (path / "orthomerge.json").exists():
             cached = load_adapter(path)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import OrthomergeError
+from .linalg import all_finite
 from .outputs import atomic_dir, check_output
 
 CONFIG_NAME = "adapter_config.json"
@@ -230,7 +231,7 @@ def load_adapter(path: str | Path) -> LoraAdapter:
                                   f"{B[m].shape[0]} outputs")
     for name, t in {**{f"{m}.lora_A": v for m, v in A.items()}, **{f"{m}.lora_B": v for m, v in B.items()},
                     **{f"{m}.lora_B.bias": v for m, v in lora_bias.items()}, **biases, **heads}.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if not all_finite(t):
             raise OrthomergeError(f"{weights}: {name} contains NaN or Inf")
     meta_path = path / META_NAME
     metadata = _read_json(meta_path) if meta_path.exists() else {}

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .adapters import read_safetensors
 from .config import STATS_BATCH_SIZE, STATS_MAX_LENGTH
 from .errors import OrthomergeError
+from .linalg import all_finite
 from .outputs import atomic_file
 from .models import find_targets, input_device, mapped_device, model_fingerprint, resolve_targets
 
@@ -302,7 +303,7 @@ def load_stats(path: str | Path) -> ActivationStats:
             name = f"{key}::{f}"
             if name not in tensors:
                 raise OrthomergeError(f"{path}: tensor {name!r} missing")
-            if not torch.isfinite(tensors[name]).all():
+            if not all_finite(tensors[name]):
                 raise OrthomergeError(f"{path}: tensor {name!r} contains NaN or Inf")
             tables[attr][key] = tensors[name] if f == "gram" else tensors[name].to(torch.float64)
     tokens, samples = meta.pop("tokens"), meta.pop("samples")

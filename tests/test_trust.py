@@ -591,6 +591,24 @@ def _(w):
     return Case(merge_argv("task_arithmetic", [a], w.root / "out"), [names(a)])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_agrees_with_numpy(dtype):
+    """The finiteness check every loader and merge uses (a float64 sum below float64) agrees with numpy's
+    isfinite on planted NaN, ±Inf, Inf − Inf and the type's largest finite values."""
+    from orthomerge.linalg import all_finite
+
+    big = torch.finfo(dtype).max
+    inf, nan = float("inf"), float("nan")
+    cases = {"random": torch.randn(64, 16, dtype=dtype), "empty": torch.zeros(0, 4, dtype=dtype),
+             "max": torch.full((1000, 8), big, dtype=dtype),
+             "max both signs": torch.tensor([big, -big, big], dtype=dtype),
+             "nan": torch.tensor([1.0, nan], dtype=dtype), "inf": torch.tensor([inf, 0.0], dtype=dtype),
+             "-inf": torch.tensor([0.0, -inf], dtype=dtype), "inf - inf": torch.tensor([inf, -inf], dtype=dtype)}
+    for name, t in cases.items():
+        assert all_finite(t) == bool(np.isfinite(t.double().numpy()).all()), name
+    assert all_finite(torch.tensor([1, 2]))
+
+
 @pytest.mark.parametrize("build", [b for _, b in REFUSALS], ids=[i for i, _ in REFUSALS])
 def test_refusal(build, work, capsys):
     case = build(work)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import LoraAdapter, validate_adapter
 from ..errors import OrthomergeError
+from ..linalg import all_finite
 from ..models import LABELLED_TASK_TYPES
 from .inputs import (check_weights, load_adapters, load_data, load_stats, module_grams,
                      resolve_model, task_names, validate_compatible, where)
@@ -326,15 +327,15 @@ def _check_finite(factors: dict, dense_out: dict | None, biases: dict, losses: d
     """A merged update with NaN or Inf (e.g. from huge weights) is an error, never an output."""
     for out_name, (B, A) in factors.items():
         for m in B:
-            if not (torch.isfinite(B[m]).all() and torch.isfinite(A[m]).all()):
+            if not (all_finite(B[m]) and all_finite(A[m])):
                 raise OrthomergeError(f"{m}: the merged update is not finite (NaN or Inf{' for ' + out_name if out_name else ''}); "
                                       "check the weights and scale")
     for deltas in (dense_out or {}).values():
         for m, d in deltas.items():
-            if not torch.isfinite(d).all():
+            if not all_finite(d):
                 raise OrthomergeError(f"{m}: the merged update is not finite (NaN or Inf); check the weights and scale")
     for name, b in biases.items():
-        if not torch.isfinite(b).all():
+        if not all_finite(b):
             raise OrthomergeError(f"{name}: the merged bias is not finite (NaN or Inf); check the weights and scale")
     for key, loss in losses.items():
         if not (math.isfinite(loss.err_sq) and math.isfinite(loss.total_sq)):

@@ -12,6 +12,7 @@ import torch
 
 from ..adapters import WEIGHTS_NAME, LoraAdapter, load_adapter
 from ..errors import OrthomergeError
+from ..linalg import all_finite
 
 
 def where(adapter: LoraAdapter) -> str:
@@ -28,7 +29,7 @@ def load_adapters(adapters) -> list[LoraAdapter]:
         adapter = item if isinstance(item, LoraAdapter) else load_adapter(item)
         for module in adapter.modules:
             for which, t in (("lora_A", adapter.A[module]), ("lora_B", adapter.B[module])):
-                if t.is_floating_point() and not torch.isfinite(t).all():
+                if not all_finite(t):
                     raise OrthomergeError(f"{where(adapter)}: {module}.{which} contains NaN or Inf")
         out.append(adapter)
     return out
@@ -126,7 +127,7 @@ def module_grams(loaded: list[tuple], module: str, n: int) -> tuple[list[torch.T
         g = st.gram(module)
         if tuple(g.shape) != (n, n):
             raise OrthomergeError(f"{source}: Gram of {module} is {tuple(g.shape)}, expected ({n}, {n})")
-        if not torch.isfinite(g).all():
+        if not all_finite(g):
             raise OrthomergeError(f"{source}: Gram of {module} contains NaN or Inf")
         grams.append(g)
     return grams, [st.tokens(module) for _, st in loaded]

@@ -45,8 +45,12 @@ def tsv_combine(modules: list[list[tuple]], shape: tuple[int, int], scale: float
         cat.append((torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)))
     widths = {s.numel() for _, s, _ in cat}
     if len(widths) == 1 and 0 not in widths:
-        pu = polar(torch.stack([u for u, _, _ in cat]), torch.float32)
-        pv = polar(torch.stack([vh for _, _, vh in cat]).mT, torch.float32).mT
+        us, vs = torch.stack([u for u, _, _ in cat]), torch.stack([vh for _, _, vh in cat]).mT
+        if us.shape == vs.shape:            # square bases (TSV in the stacked factors' bases): one call for both
+            pu, pv = polar(torch.cat([us, vs]), torch.float32).split(len(cat))
+        else:
+            pu, pv = polar(us, torch.float32), polar(vs, torch.float32)
+        pv = pv.mT
         return [(pu[j] * (scale * s).to(torch.float32), pv[j]) for j, (_, s, _) in enumerate(cat)]
     return [(polar(u, torch.float32) * (scale * s).to(torch.float32), polar(vh.T, torch.float32).T)
             if s.numel() else None for u, s, vh in cat]

@@ -244,11 +244,11 @@ def validate_adapter(adapter: LoraAdapter, model: nn.Module, where: str | Path |
                      heads: bool = True) -> None:
     """Every key maps to a linear module of ``model`` with matching shapes; heads match the model's."""
     where = where or (adapter.path / WEIGHTS_NAME if adapter.path else "adapter")
-    modules = dict(model.named_modules())
     for name in adapter.modules:
-        module = modules.get(name)
-        if module is None:
-            raise OrthomergeError(f"{where}: {name}: no such module in the base model")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise OrthomergeError(f"{where}: {name}: no such module in the base model") from None
         if not isinstance(module, nn.Linear):
             raise OrthomergeError(f"{where}: {name}: base module is {type(module).__name__}, not Linear")
         a, b = adapter.A[name], adapter.B[name]
@@ -257,12 +257,13 @@ def validate_adapter(adapter: LoraAdapter, model: nn.Module, where: str | Path |
                 f"{where}: {name}: factors give {b.shape[0]}×{a.shape[1]} but the base module is "
                 f"{module.out_features}×{module.in_features}"
             )
-    state = model.state_dict()
+    heads = adapter.heads if heads else {}
+    state = model.state_dict() if adapter.biases or heads else {}   # (a walk of the whole model: only if needed)
     for key, value in adapter.biases.items():
         if key not in state or state[key].shape != value.shape:
             raise OrthomergeError(f"{where}: bias {key!r} {tuple(value.shape)} has no counterpart of that shape "
                                   "in the base model")
-    for key, value in adapter.heads.items() if heads else ():
+    for key, value in heads.items():
         if key not in state:
             raise OrthomergeError(f"{where}: head tensor {key!r} has no counterpart in the base model")
         if state[key].shape != value.shape:

@@ -1,6 +1,8 @@
 """Small linear-algebra conventions shared by OSRM and the merge suite."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -39,4 +41,4 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     if t.dtype == torch.float64:
         return bool(torch.isfinite(t).all())
-    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+    return math.isfinite(t.sum(dtype=torch.float64).item())

@@ -10,7 +10,6 @@ task's head (:mod:`orthomerge.merge.result`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -119,7 +118,7 @@ def _merge(adapters, method, weights, *, space, rank, dense, model, stats, seed,
         log.warning(note)
     if model is not None:
         for a in adapters:
-            validate_adapter(dataclasses.replace(a, heads={}), model, where=where(a))
+            validate_adapter(a, model, where=where(a), heads=False)
     loaded_stats = load_stats(stats, adapters, modules, spec.name) if spec.needs_stats else None
     names = task_names(adapters)
     if spec.needs_data:

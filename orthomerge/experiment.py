@@ -21,7 +21,7 @@ from .cache import cached_stats, digest, loaded_once, precision_key
 from . import causal, study
 from .config import DEFAULT_DEVICE, DEFAULT_DTYPE, MODEL, STATS_SAMPLES
 from .errors import OrthomergeError
-from .outputs import EXPERIMENT_MARKER, atomic_file
+from .outputs import EXPERIMENT_MARKER, atomic_file, check_output
 from .evaluate import (TaskEvaluator, adapter_deltas, input_energy, interference_matrix, off_diagonal_mean,
                        subspace_drift)
 from .merge import METHODS, get_method, merge_adapters
@@ -208,14 +208,18 @@ class Experiment:
         key = digest([c.model, asdict(config), task.name, len(task.train), task.seed, task.train.texts[:5],
                       used or None] + precision_key(c.dtype))
         path = self.out / "adapters" / f"seed{config.seed}" / arm / task.name
-        if (path / "orthomerge.json").exists():
+        stale = (path / "orthomerge.json").exists()
+        if stale:
             cached = load_adapter(path)
             if cached.metadata.get("cache_key") == key:
                 return cached
+        # a cached adapter of other settings is this experiment's own output: replaced, like a stale
+        # evaluation (check_output still refuses, before training, a folder orthomerge did not write)
+        check_output(path, overwrite=stale)
         adapter = train_adapter(c.model, task, config, others=others, own=self.stats[task.name],
                                 progress=self.progress, device=c.device, dtype=c.dtype)
         adapter.metadata.update(cache_key=key, arm=arm)
-        save_adapter(adapter, path)
+        save_adapter(adapter, path, overwrite=stale)
         return adapter
 
     def run(self) -> dict:

@@ -85,6 +85,16 @@ def test_experiment_writes_every_output_and_reuses_cache(tiny_bert, tasks_yaml, 
     third = json.loads((out / "results.json").read_text())
     assert third["reused_runs"] == len(third["runs"]) and "reused from an earlier" in (out / "report.md").read_text()
     assert [r["single"] for r in again["runs"]] == [r["single"] for r in results["runs"]]
+    monkeypatch.undo()   # other training settings: the cached adapters are retrained and replaced
+    assert cli(args[:-8] + ["--epochs", "1", "--lr", "0.01", "--rank", "4", "--train-size", "60",
+                            "--methods", "task_arithmetic"]) == 0
+    for folder in (out / "adapters" / "seed0").glob("*/*"):
+        assert json.loads((folder / "orthomerge.json").read_text())["config"]["lr"] == 0.01, folder
+    mine = out / "adapters" / "seed0" / "lora" / results["task_names"][0]   # not orthomerge's: refused
+    (mine / "orthomerge.json").unlink()
+    (mine / "notes.txt").write_text("mine")
+    assert cli(args + ["--methods", "task_arithmetic"]) != 0
+    assert (mine / "notes.txt").read_text() == "mine" and (mine / "adapter_model.safetensors").exists()
 
 
 def test_evaluator_equals_dense_model_and_plain_peft(tiny_bert, tasks_yaml, tmp_path):

@@ -9,7 +9,7 @@ from merge_fixtures import deltas, permuted, random_task, rel, update
 from orthomerge.errors import OrthomergeError
 from orthomerge.merge import METHODS, get_method, list_methods
 from orthomerge.merge.elementwise import abs_histogram_threshold, trim_threshold
-from orthomerge.merge.recompress import factored_svd, recompress_dense, recompress_factors
+from orthomerge.merge.recompress import factored_svd, recompress_dense, recompress_factors, residual_sq
 from orthomerge.merge.registry import ModuleUpdates, PerTask
 
 TOL = 1e-5
@@ -330,6 +330,20 @@ def test_dense_recompression_reports_exact_error(how):
     d = torch.randn(50, 40)
     b, a, loss = recompress_dense(d, 10, how)
     assert rel((b.double() @ a.double()).numpy(), d.double().numpy()) == pytest.approx(loss.rel_error, rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block_elements", [1, 37, 1 << 18])
+def test_residual_is_blockwise_exact_and_leaves_its_input(dtype, block_elements):
+    """The re-compression error against numpy in float64, whatever the row blocks; ``d`` is not modified."""
+    g = torch.Generator().manual_seed(3)
+    d, B, A = (torch.randn(*shape, generator=g, dtype=dtype) for shape in ((23, 17), (23, 4), (4, 17)))
+    before = d.clone()
+    err, total = residual_sq(d, B, A, block_elements)
+    dn, bn, an = (x.double().numpy() for x in (d, B, A))
+    assert err == pytest.approx(((dn - bn @ an) ** 2).sum(), rel=1e-12)
+    assert total == pytest.approx((dn ** 2).sum(), rel=1e-12)
+    assert torch.equal(d, before)
 
 
 def test_unknown_method_and_parameter():

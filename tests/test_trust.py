@@ -592,9 +592,10 @@ def _(w):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_all_finite_agrees_with_numpy(dtype):
-    """The finiteness check every loader and merge uses (a float64 sum below float64) agrees with numpy's
-    isfinite on planted NaN, ±Inf, Inf − Inf and the type's largest finite values."""
+def test_all_finite_agrees_with_numpy(dtype, monkeypatch):
+    """The finiteness check every loader and merge uses (a float64 sum per chunk below float64) agrees with
+    numpy's isfinite on planted NaN, ±Inf, Inf − Inf and the type's largest finite values."""
+    from orthomerge import linalg
     from orthomerge.linalg import all_finite
 
     big = torch.finfo(dtype).max
@@ -604,8 +605,13 @@ def test_all_finite_agrees_with_numpy(dtype):
              "max both signs": torch.tensor([big, -big, big], dtype=dtype),
              "nan": torch.tensor([1.0, nan], dtype=dtype), "inf": torch.tensor([inf, 0.0], dtype=dtype),
              "-inf": torch.tensor([0.0, -inf], dtype=dtype), "inf - inf": torch.tensor([inf, -inf], dtype=dtype)}
-    for name, t in cases.items():
-        assert all_finite(t) == bool(np.isfinite(t.double().numpy()).all()), name
+    late = torch.zeros(5, 7, dtype=dtype)
+    late[4, 6] = nan
+    cases.update({"nan in the last chunk": late, "transposed": torch.tensor([[1.0, inf], [2.0, 3.0]], dtype=dtype).T})
+    for chunk in (linalg.FINITE_CHUNK, 3):   # the chunked reduction: small chunks cross every case's rows
+        monkeypatch.setattr(linalg, "FINITE_CHUNK", chunk)
+        for name, t in cases.items():
+            assert all_finite(t) == bool(np.isfinite(t.double().numpy()).all()), (name, chunk)
     assert all_finite(torch.tensor([1, 2]))
 
 

@@ -88,32 +88,40 @@ def dare_mask(seed: int, block: int, shape: tuple[int, int], density: float) -> 
 
 
 def elect_disjoint(weighted: torch.Tensor, weights: torch.Tensor, sign: str, normalize: str) -> torch.Tensor:
-    """TIES elect + disjoint mean over the first dim of ``weighted`` [T, b, n] (entries w_i τ̂_i)."""
+    """TIES elect + disjoint mean over the first dim of ``weighted`` [T, b, n] (entries w_i τ̂_i), which it
+    consumes (overwrites) so that one [T, b, n] buffer is all the block needs.
+
+    The agreeing entries are those with ``γ·x > 0`` (``sign(x) = γ``); their sum is ``γ · Σ max(γ·x, 0)``,
+    exactly the sum of the agreeing x (a product by ±1 and the negation of a sum are exact)."""
     if sign == "total":
         votes = weighted.sum(0)
     elif sign == "frequency":
         votes = torch.sign(weighted).sum(0)
     else:
         raise OrthomergeError(f"sign={sign!r}: choose total or frequency")
-    gamma = torch.where(votes >= 0, 1.0, -1.0)
-    agree = torch.sign(weighted) == gamma
-    num = (weighted * agree).sum(0)
-    if normalize == "count":
-        den = agree.sum(0).to(num.dtype)
-    elif normalize == "weight":
-        den = (agree * weights.abs()).sum(0)
-    else:
+    if normalize not in ("count", "weight"):
         raise OrthomergeError(f"normalize={normalize!r}: choose count or weight")
+    gamma = torch.where(votes >= 0, 1.0, -1.0)
+    aligned = weighted.mul_(gamma).clamp_(min=0.0)   # γ·x where x agrees with γ, else 0
+    agree = aligned > 0
+    num = aligned.sum(0).mul_(gamma)
+    den = (agree.sum(0).to(num.dtype) if normalize == "count"
+           else (agree * weights.abs()).sum(0))
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
 def _blocks(updates, prepare):
-    """Yield ``(start, stop, stacked)``: row blocks of every task, each passed through ``prepare(i, j, x)``."""
+    """Yield ``(start, stop, stacked)``: row blocks of every task, each passed through ``prepare(i, j, x)``,
+    in one [T, rows, n] buffer (reused: a caller may overwrite it)."""
     m, n = updates.shape
     step = block_rows(n)
+    buffer = torch.empty((len(updates), min(step, m), n), dtype=torch.float32, device=updates.device)
     for j, start in enumerate(range(0, m, step)):
         stop = min(start + step, m)
-        yield start, stop, torch.stack([prepare(i, j, updates.rows(i, start, stop)) for i in range(len(updates))])
+        stacked = buffer[:, :stop - start]
+        for i in range(len(updates)):
+            stacked[i] = prepare(i, j, updates.rows(i, start, stop))
+        yield start, stop, stacked
 
 
 def _trimmer(thresholds):
@@ -141,7 +149,7 @@ def _combine(updates, prepare, reduce) -> torch.Tensor:
     out = torch.empty(updates.shape, dtype=torch.float32, device=updates.device)
     w = torch.tensor(updates.weights, dtype=torch.float32, device=updates.device).view(-1, 1, 1)
     for start, stop, stacked in _blocks(updates, prepare):
-        out[start:stop] = reduce(stacked * w, w)
+        out[start:stop] = reduce(stacked.mul_(w), w)
     return out
 
 

@@ -130,12 +130,16 @@ def recompress_dense(d: torch.Tensor, rank: int, svd: str = "auto") -> tuple[tor
     return B, A, Loss(min(m, n), k, err, total, how)
 
 
-def residual_sq(d: torch.Tensor, B: torch.Tensor, A: torch.Tensor, block: int = 1024) -> tuple[float, float]:
-    """``(‖d − B A‖²_F, ‖d‖²_F)`` in float64, a block of rows at a time (no float64 copy of ``d``)."""
+def residual_sq(d: torch.Tensor, B: torch.Tensor, A: torch.Tensor, block_elements: int = 1 << 18) -> tuple[float, float]:
+    """``(‖d − B A‖²_F, ‖d‖²_F)`` in float64, a block of about ``block_elements`` entries at a time: one float64
+    block in memory (2 MB), never a float64 copy of ``d``."""
     a = A.to(torch.float64)
     err = total = 0.0
-    for start in range(0, d.shape[0], block):
-        rows = d[start:start + block].to(torch.float64)
-        err += float((rows - B[start:start + block].to(torch.float64) @ a).pow(2).sum())
-        total += float(rows.pow(2).sum())
+    step = max(1, block_elements // max(d.shape[1], 1))
+    for start in range(0, d.shape[0], step):
+        rows = d[start:start + step].to(torch.float64, copy=True).contiguous()
+        flat = rows.view(-1)
+        total += float(flat @ flat)
+        rows.addmm_(B[start:start + step].to(torch.float64), a, alpha=-1)
+        err += float(flat @ flat)
     return err, total

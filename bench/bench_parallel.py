@@ -47,17 +47,26 @@ def child_train(index: int, threads: int, out: str) -> None:
     print(json.dumps({"task": task.name, "seconds": seconds}))
 
 
-def train_at_once(threads: int, folder: Path, tag: str) -> tuple[float, dict]:
-    """Both training tasks in parallel processes of ``threads`` threads: (wall s, task → its seconds)."""
-    start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, __file__, "--child-train", str(i), str(threads),
-                               str(folder / f"{tag}{i}.pt")], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-             for i in TRAIN_TASKS]
+def launch(index: int, threads: int, out: Path) -> subprocess.Popen:
+    """A child process training default task ``index`` with ``threads`` threads into ``out``."""
+    return subprocess.Popen([sys.executable, __file__, "--child-train", str(index), str(threads), str(out)],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+
+
+def finish(procs: list[subprocess.Popen]) -> dict[str, float]:
+    """Wait for training children: task → its training seconds."""
     found = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     if any(p.returncode for p in procs):
         sys.exit("a training child failed")
-    return time.perf_counter() - start, {f["task"]: f["seconds"] for f in found}
+    return {f["task"]: f["seconds"] for f in found}
+
+
+def train_at_once(threads: int, folder: Path, tag: str) -> tuple[float, dict]:
+    """Both training tasks in parallel processes of ``threads`` threads: (wall s, task → its seconds)."""
+    start = time.perf_counter()
+    each = finish([launch(i, threads, folder / f"{tag}{i}.pt") for i in TRAIN_TASKS])
+    return time.perf_counter() - start, each
 
 
 def same_tensors(a: Path, b: Path) -> tuple[bool, float]:
@@ -124,14 +133,10 @@ def scoring_rows() -> list[str]:
 
 
 def training_rows(folder: Path) -> list[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     seq = {}
     start = time.perf_counter()
-    for i in TRAIN_TASKS:
-        done = subprocess.run([sys.executable, __file__, "--child-train", str(i), "2", str(folder / f"seq{i}.pt")],
-                              capture_output=True, text=True, cwd=ROOT, env=env, check=True)
-        found = json.loads(done.stdout.strip().splitlines()[-1])
-        seq[found["task"]] = found["seconds"]
+    for i in TRAIN_TASKS:   # one after the other
+        seq.update(finish([launch(i, 2, folder / f"seq{i}.pt")]))
     seq_wall = time.perf_counter() - start
     names = " then ".join(seq)
     rows = [f"| training {names}, one process × 2 threads each (sequential) | {seq_wall:.0f} s "

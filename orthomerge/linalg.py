@@ -43,11 +43,10 @@ def all_finite(t: torch.Tensor) -> bool:
     and chunking bounds the float64 copy the sum makes (a whole 4096² update would need 128 MB)."""
     if not t.is_floating_point():
         return True
-    for chunk in t.reshape(-1).split(FINITE_CHUNK):
-        if t.dtype == torch.float64:
-            finite = bool(torch.isfinite(chunk).all())
-        else:
-            finite = math.isfinite(chunk.sum(dtype=torch.float64).item())
-        if not finite:
-            return False
-    return True
+    if t.dtype == torch.float64:
+        def finite(chunk):
+            return bool(torch.isfinite(chunk).all())
+    else:
+        def finite(chunk):
+            return math.isfinite(chunk.sum(dtype=torch.float64).item())
+    return all(finite(chunk) for chunk in t.reshape(-1).split(FINITE_CHUNK))

@@ -3,8 +3,8 @@
 Per module (under tqdm; a batched rule gets every module of one shape in one call): the factors are upcast
 to float32 with the LoRA scale folded into B, the rule runs, and its update is kept exactly (low-rank
 rules), re-compressed to ``rank`` (exact QR + small SVD for factors; dense results to ``rank`` or Σr by
-SVD, error reported), or kept dense for a full-model output (``dense=True``). A method's model-level steps are its own ``prepare`` / ``finalize`` hooks (see
-:mod:`orthomerge.merge.registry`). Heads (``modules_to_save``) are never merged: the result carries each
+SVD, error reported), or kept dense for a full-model output (``dense=True``). A method's model-level steps
+are its own ``prepare`` / ``finalize`` hooks (see :mod:`orthomerge.merge.registry`). Heads (``modules_to_save``) are never merged: the result carries each
 task's head (:mod:`orthomerge.merge.result`).
 """
 from __future__ import annotations
